@@ -1,0 +1,18 @@
+"""qjax: QLoRA for JAX. Quantized arrays bit-identical to bitsandbytes, fused kernels, Flax adapters."""
+
+from qjax import interop
+from qjax._src.footprint import Footprint, memory_footprint
+from qjax._src.formats import BLOCKSIZES, FORMATS
+from qjax._src.lora_config import LoraConfig
+from qjax._src.policy import DEFAULT_SKIP, QuantConfig, dequantize_params, quantize_params
+from qjax._src.qarray import QuantizedArray, is_quantized
+from qjax._src.qmatmul import qmatmul
+from qjax._src.quantize import dequantize, dequantize_blockwise, quantize, quantize_blockwise
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantizedArray",
+    "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized",
+    "memory_footprint", "qmatmul", "quantize", "quantize_blockwise", "quantize_params",
+]

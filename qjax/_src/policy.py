@@ -1,0 +1,140 @@
+"""Which leaves of a parameter tree get quantized, and how: QuantConfig and quantize_params.
+
+Paths are the leaf's key path joined with "/" (`{"params": {"mlp": {"kernel": ...}}}` ->
+"params/mlp/kernel"; sequence indices become numbers). A pattern is either a glob
+(`fnmatch`: `*` also crosses "/", so "*attn*" matches at any depth), a string starting with
+"re:" (a regular expression searched in the path), or a compiled `re.Pattern`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from typing import Any, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax._src import formats
+from qjax._src.qarray import QuantizedArray, is_quantized
+from qjax._src.quantize import check_blocksize, dequantize, quantize
+
+Pattern = Union[str, "re.Pattern[str]"]
+
+# Leaves kept in 16-bit by default: embeddings, the output head and normalization scales.
+DEFAULT_SKIP: tuple[str, ...] = ("*embed*", "*lm_head*", "*norm*", "*ln_*", "*layernorm*")
+
+
+def path_str(path) -> str:
+    """A jax key path as "a/b/0/kernel"."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _matches(path: str, pattern: Pattern) -> bool:
+    if isinstance(pattern, re.Pattern):
+        return pattern.search(path) is not None
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], path) is not None
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path.lower(), pattern.lower())
+
+
+def matches_any(path: str, patterns: Sequence[Pattern] | None) -> bool:
+    return any(_matches(path, p) for p in (patterns or ()))
+
+
+def _as_patterns(value, name: str) -> tuple | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, re.Pattern)):
+        return (value,)
+    patterns = tuple(value)
+    for p in patterns:
+        if not isinstance(p, (str, re.Pattern)):
+            raise TypeError(f"QuantConfig.{name} entries must be str or re.Pattern, got {type(p).__name__}")
+    return patterns
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a parameter tree.
+
+    format: "nf4", "fp4" or "int8". blocksize: elements per absmax (None: per-channel int8).
+    double_quant: 8-bit quantize the absmax too (about 0.37 bits/param saved for nf4 at 64).
+    compute_dtype: dtype the matmuls run in. target: patterns a leaf's path must match to be
+      quantized (None: every float leaf of rank >= 2). skip: patterns never quantized
+      (default: embeddings, lm_head, norms). min_size: leaves with fewer elements stay dense.
+    """
+
+    format: str = "nf4"
+    blocksize: int | None = 64
+    double_quant: bool = True
+    compute_dtype: Any = jnp.bfloat16
+    target: Any = None
+    skip: Any = DEFAULT_SKIP
+    min_size: int = 0
+
+    def __post_init__(self):
+        check_blocksize(formats.get_format(self.format), self.blocksize)
+        object.__setattr__(self, "target", _as_patterns(self.target, "target"))
+        object.__setattr__(self, "skip", _as_patterns(self.skip, "skip") or ())
+
+    def selects(self, path: str) -> bool:
+        """True when a leaf at `path` is chosen by target and not excluded by skip."""
+        if matches_any(path, self.skip):
+            return False
+        return self.target is None or matches_any(path, self.target)
+
+    def quantize(self, x, *, transposed: bool = False) -> QuantizedArray:
+        return quantize(x, self.format, blocksize=self.blocksize, double_quant=self.double_quant,
+                        transposed=transposed)
+
+
+def _describe_leaf(path: str, x) -> str:
+    return f"{path!r} (shape={tuple(np.shape(x))} dtype={np.dtype(x.dtype).name})"
+
+
+def _is_float(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def quantize_params(params, config: QuantConfig = QuantConfig()):
+    """Quantizes the selected leaves of a parameter tree.
+
+    Every float leaf of rank >= 2 whose path `config.selects` becomes a QuantizedArray;
+    everything else (biases, norms, embeddings in `skip`, integer leaves) is returned as is.
+    Raises ValueError if the tree already holds QuantizedArrays, if a leaf holds NaN/Inf,
+    or if an explicit `target` pattern selects a non-float leaf (naming its path).
+    """
+    def visit(path, x):
+        name = path_str(path)
+        if is_quantized(x):
+            raise ValueError(f"parameter {name!r} is already quantized ({x!r}); "
+                             "quantize_params takes a dense tree")
+        if np.ndim(x) < 2 or not config.selects(name) or np.size(x) < config.min_size:
+            return x
+        if not _is_float(x):
+            if config.target is not None:
+                raise TypeError(f"target pattern selects non-float parameter {_describe_leaf(name, x)}")
+            return x
+        try:
+            return config.quantize(x)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"parameter {_describe_leaf(name, x)}: {e}") from None
+
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_quantized)
+
+
+def dequantize_params(params, dtype=None):
+    """The dense tree: every QuantizedArray replaced by `dequantize(q, dtype)`."""
+    return jax.tree_util.tree_map(lambda x: dequantize(x, dtype) if is_quantized(x) else x,
+                                  params, is_leaf=is_quantized)

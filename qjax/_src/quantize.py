@@ -1,0 +1,393 @@
+"""Array-level quantization: quantize / dequantize and the 8-bit dynamic blockwise quantizer.
+
+Every function here is pure and runs under `jit`; rounding follows bitsandbytes 0.50.2 on
+the CPU bit for bit (docs/formats.md lists the rules and why each matters).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax._src import formats
+from qjax._src.codes import code_index, lookup, pack_nibbles, unpack_nibbles
+from qjax._src.qarray import QuantizedArray, is_structured, num_blocks
+
+_F32 = jnp.float32
+# bitsandbytes clamps a zero absmax of the last partial block to this value (and stores it).
+_PARTIAL_ABSMAX_FLOOR = np.float32(1e-38)
+_FLOAT_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
+_INV_127 = np.float32(1 / 127)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _describe(x) -> str:
+    return f"shape={tuple(np.shape(x))} dtype={np.dtype(x.dtype).name}"
+
+
+def check_float_array(x, what: str = "x") -> None:
+    """Raises TypeError/ValueError unless x is a non-empty float32/bfloat16/float16 array."""
+    if not hasattr(x, "dtype") or np.dtype(x.dtype) not in _FLOAT_DTYPES:
+        desc = _describe(x) if hasattr(x, "dtype") else f"type={type(x).__name__}"
+        raise TypeError(f"{what} must be a float32, bfloat16 or float16 array, got {desc}")
+    if math.prod(np.shape(x)) == 0:
+        raise ValueError(f"{what} is empty ({_describe(x)}); there is nothing to quantize")
+
+
+def check_finite(x, what: str = "x") -> None:
+    """Raises ValueError if a concrete x holds NaN or Inf (skipped for traced values)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    finite = jnp.isfinite(jnp.asarray(x))
+    if not bool(jnp.all(finite)):
+        bad = int(jnp.size(finite) - jnp.sum(finite))
+        raise ValueError(f"{what} ({_describe(x)}) holds {bad} NaN/Inf value(s); "
+                         "quantizing it would give wrong codes")
+
+
+def check_blocksize(fmt: formats.Format, blocksize) -> None:
+    if blocksize is None and fmt.is_linear:
+        return
+    if blocksize not in formats.BLOCKSIZES:
+        valid = list(formats.BLOCKSIZES) + (["None (per output channel)"] if fmt.is_linear else [])
+        raise ValueError(f"blocksize={blocksize!r} is not valid for format {fmt.name!r}. "
+                         f"It needs to be one of {valid}.")
+
+
+# ----------------------------------------------------------------------------- torch-order mean
+
+# Lanes of torch's float32 `Vectorized` in its CPU sum kernel on x86.
+_TORCH_SUM_LANES = 8
+
+
+def _seq_sum(x):
+    """x[0] + x[1] + ... left to right over axis 0 (XLA does not reassociate float adds)."""
+    total = x[0]
+    for i in range(1, x.shape[0]):
+        total = total + x[i]
+    return total
+
+
+def _ceil_log2(n: int) -> int:
+    return max(0, (n - 1).bit_length())
+
+
+def _cascade_sum(rows):
+    """torch's `multi_row_sum` over axis 0: sequential chunks of 2^p rows, cascaded in 4 levels."""
+    size = rows.shape[0]
+    zero = jnp.zeros(rows.shape[1:], rows.dtype)
+    if size == 0:
+        return zero
+    step = 1 << max(4, _ceil_log2(size) // 4)
+    levels = []  # what each of levels 1..3 holds at the end
+    chunks = size // step
+    acc0 = _seq_sum(rows[chunks * step:]) if size % step else zero
+    if chunks:
+        sums = _seq_sum(jnp.moveaxis(rows[: chunks * step].reshape((chunks, step) + rows.shape[1:]), 1, 0))
+        for _ in range(2):  # levels 1 and 2 flush into the next one every `step` entries
+            full = sums.shape[0] // step
+            levels.append(_seq_sum(sums[full * step:]) if sums.shape[0] % step else zero)
+            if not full:
+                sums = None
+                break
+            sums = _seq_sum(jnp.moveaxis(sums[: full * step].reshape((full, step) + rows.shape[1:]), 1, 0))
+        if sums is not None:
+            levels.append(_seq_sum(sums))  # level 3 accumulates without flushing
+    for acc in levels:
+        acc0 = acc0 + acc
+    return acc0
+
+
+def torch_sum_f32(x):
+    """Sum of a 1-D float32 array in the exact order of torch's single-threaded CPU `sum`.
+
+    x: (n,) float32. Returns a float32 scalar. bitsandbytes' double quantization takes
+    `absmax.mean()` in torch; reproducing its rounding needs its summation order: 8-lane
+    vectors in 4 interleaved accumulators (cascade-summed), then the tail, then the lanes.
+    """
+    n = x.shape[0]
+    lanes = _TORCH_SUM_LANES
+    if n < lanes:  # scalar path: 4 interleaved accumulators
+        rows = n // 4
+        partial = _cascade_sum(x[: rows * 4].reshape(rows, 4))
+        for i in range(rows * 4, n):
+            partial = partial.at[0].add(x[i])
+        return _seq_sum(partial)
+    vectors = n // lanes
+    rows = vectors // 4
+    v = x[: vectors * lanes].reshape(vectors, lanes)
+    partial = _cascade_sum(v[: rows * 4].reshape(rows, 4, lanes))  # (4, lanes)
+    first = partial[0]
+    for i in range(rows * 4, vectors):
+        first = first + v[i]
+    for k in range(1, 4):
+        first = first + partial[k]
+    total = jnp.zeros((), x.dtype)
+    for i in range(vectors * lanes, n):
+        total = total + x[i]
+    for lane in range(lanes):
+        total = total + first[lane]
+    return total
+
+
+def torch_mean_f32(x):
+    """`torch.mean` of a 1-D float32 array on the CPU (one thread): the ordered sum / n."""
+    return true_divide(torch_sum_f32(x), np.float32(x.shape[0]))
+
+
+# ----------------------------------------------------------------------------- 8-bit dynamic
+
+
+def true_divide(a, b):
+    """a / b with one IEEE rounding, b broadcast to a's shape.
+
+    XLA rewrites a division by a constant or a broadcast scalar into a multiplication by its
+    reciprocal, which rounds twice; the barrier hides the broadcast from that rewrite.
+    """
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
+
+
+def round_product(x):
+    """x unchanged, but a product stays rounded before a following add.
+
+    XLA's CPU and GPU backends contract `a * b + c` into one FMA (one rounding); bitsandbytes
+    rounds the product first. A select on `x == x` sits between the two and blocks the
+    contraction (optimization_barrier does not survive XLA's CPU pipeline).
+    """
+    return jnp.where(x == x, x, jnp.zeros_like(x))
+
+
+def _dynamic_index(v):
+    """Code index of bitsandbytes' CPU 8-bit quantizer for normalised float32 v: #(thresholds <= v)."""
+    thresholds = jnp.asarray(formats.DYNAMIC_THRESHOLDS)
+    idx = jnp.zeros(v.shape, jnp.int32)
+    for step in (128, 64, 32, 16, 8, 4, 2, 1):
+        cand = idx + step
+        idx = jnp.where(jnp.take(thresholds, cand - 1) <= v, cand, idx)
+    return idx.astype(jnp.uint8)
+
+
+def _blocks_of(flat, blocksize: int):
+    """(n,) -> (num_blocks, blocksize), zero-padding the last block (zeros change no absmax)."""
+    n = flat.shape[0]
+    pad = -n % blocksize
+    return jnp.pad(flat, (0, pad)).reshape(-1, blocksize), n
+
+
+@functools.partial(jax.jit, static_argnames=("blocksize",))
+def _quantize_blockwise(x, blocksize: int):
+    blocks, n = _blocks_of(x.astype(_F32).reshape(-1), blocksize)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    inv = jnp.where(absmax > 0, 1.0 / absmax, 0.0)
+    codes = _dynamic_index(blocks * inv[:, None])
+    codes = jnp.where((absmax > 0)[:, None], codes, jnp.uint8(0))
+    return codes.reshape(-1)[:n].reshape(x.shape), absmax
+
+
+def quantize_blockwise(x, *, blocksize: int = 256):
+    """8-bit blockwise "dynamic" quantization, bit-identical to bitsandbytes' `quantize_blockwise`.
+
+    x: float32/bfloat16/float16 array of any shape; blocks of `blocksize` consecutive
+    elements of its row-major flattening (the last block may be partial).
+    Returns (codes, absmax): uint8 codes of x's shape (indices into `formats.DYNAMIC_CODE`)
+    and float32 absmax of shape (ceil(x.size / blocksize),).
+    Raises TypeError for non-float input, ValueError for an invalid blocksize.
+    """
+    check_float_array(x)
+    if blocksize not in formats.BLOCKSIZES:
+        raise ValueError(f"blocksize={blocksize!r} needs to be one of {list(formats.BLOCKSIZES)}")
+    return _quantize_blockwise(jnp.asarray(x), blocksize)
+
+
+@functools.partial(jax.jit, static_argnames=("blocksize", "dtype"))
+def _dequantize_blockwise(codes, absmax, blocksize: int, dtype):
+    values = jnp.take(jnp.asarray(formats.DYNAMIC_CODE), codes.reshape(-1).astype(jnp.int32))
+    blocks, n = _blocks_of(values, blocksize)
+    out = (blocks * absmax[:, None]).reshape(-1)[:n]
+    return out.astype(dtype).reshape(codes.shape)
+
+
+def dequantize_blockwise(codes, absmax, *, blocksize: int = 256, dtype=jnp.float32):
+    """Inverse of `quantize_blockwise`: `code[codes] * absmax` in float32, cast to `dtype`.
+
+    codes: uint8 array; absmax: float32 (ceil(codes.size / blocksize),). Returns codes' shape.
+    """
+    expected = -(-math.prod(np.shape(codes)) // blocksize)
+    if np.dtype(codes.dtype) != np.uint8 or tuple(np.shape(absmax)) != (expected,):
+        raise ValueError(f"dequantize_blockwise needs uint8 codes and absmax of shape ({expected},); "
+                         f"got codes {_describe(codes)}, absmax {_describe(absmax)}")
+    return _dequantize_blockwise(codes, absmax, blocksize, np.dtype(dtype))
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def _stored(x, transposed: bool):
+    return jnp.swapaxes(x, -1, -2) if transposed else x
+
+
+def _quantize_codebook(stored, codebook: formats.Codebook, blocksize: int):
+    """4-bit codes and float32 absmax of `stored` (row-major blocks)."""
+    xf = stored.astype(_F32)
+    shape = stored.shape
+    if is_structured(shape, "nf4", blocksize):
+        blocks = xf.reshape(shape[:-1] + (shape[-1] // blocksize, blocksize))
+        absmax = jnp.max(jnp.abs(blocks), axis=-1)
+        # bitsandbytes multiplies by the float32 reciprocal (dividing differs in rare ties)
+        v = jnp.clip(blocks * jnp.where(absmax > 0, 1.0 / absmax, 0.0)[..., None], -1.0, 1.0)
+        return pack_nibbles(code_index(v, codebook).reshape(shape)), absmax
+    flat = xf.reshape(-1)
+    n = flat.shape[0]
+    full = n - n % blocksize
+    values, absmaxes = [], []
+    if full:
+        blocks = flat[:full].reshape(-1, blocksize)
+        absmax = jnp.max(jnp.abs(blocks), axis=1)
+        inv = jnp.where(absmax > 0, 1.0 / absmax, 0.0)
+        values.append(jnp.clip(blocks * inv[:, None], -1.0, 1.0).reshape(-1))
+        absmaxes.append(absmax)
+    if n % blocksize:
+        tail = flat[full:]
+        am = jnp.max(jnp.abs(tail))
+        # the partial block divides (full blocks multiply) and keeps a floor of 1e-38
+        values.append(jnp.clip(true_divide(tail, jnp.where(am > 0, am, 1.0)), -1.0, 1.0))
+        absmaxes.append(jnp.where(am > 0, am, _PARTIAL_ABSMAX_FLOOR)[None])
+    if n % 2:
+        values.append(jnp.zeros((1,), _F32))  # bitsandbytes pads the normalised values with 0.0
+    idx = code_index(jnp.concatenate(values), codebook)
+    return pack_nibbles(idx), jnp.concatenate(absmaxes)
+
+
+def _int8_absmax_axes(ndim: int, transposed: bool) -> tuple[int, ...]:
+    """Axes reduced for per-output-channel int8: all but the logical last axis."""
+    keep = ndim - 2 if transposed else ndim - 1
+    return tuple(a for a in range(ndim) if a != keep)
+
+
+def _quantize_int8(stored, blocksize, transposed: bool):
+    """Symmetric int8 codes round(x * 127 / absmax) and float32 absmax."""
+    xf = stored.astype(_F32)
+    shape = stored.shape
+    if blocksize is None:
+        axes = _int8_absmax_axes(len(shape), transposed)
+        absmax = jnp.max(jnp.abs(xf), axis=axes)
+        scale = jnp.expand_dims(jnp.where(absmax > 0, 127.0 / absmax, 0.0), axes)
+        return jnp.round(xf * scale).astype(jnp.int8), absmax
+    if is_structured(shape, "int8", blocksize):
+        blocks = xf.reshape(shape[:-1] + (shape[-1] // blocksize, blocksize))
+    else:
+        blocks, _ = _blocks_of(xf.reshape(-1), blocksize)
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    scale = jnp.where(absmax > 0, 127.0 / absmax, 0.0)
+    codes = jnp.round(blocks * scale[..., None]).astype(jnp.int8)
+    if not is_structured(shape, "int8", blocksize):
+        codes = codes.reshape(-1)[: math.prod(shape)]
+    return codes, absmax
+
+
+def _nest(absmax):
+    """Double quantization of float32 absmax: (uint8 codes of absmax's shape, nested absmax, offset)."""
+    flat = absmax.reshape(-1)
+    offset = torch_mean_f32(flat)
+    codes, nested = _quantize_blockwise(flat - offset, formats.NESTED_BLOCKSIZE)
+    return codes.reshape(absmax.shape), nested, offset
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "blocksize", "double_quant", "transposed"))
+def _quantize(x, fmt: str, blocksize, double_quant: bool, transposed: bool) -> QuantizedArray:
+    spec = formats.get_format(fmt)
+    stored = _stored(x, transposed)
+    if spec.is_linear:
+        packed, absmax = _quantize_int8(stored, blocksize, transposed)
+    else:
+        packed, absmax = _quantize_codebook(stored, spec.codebook, blocksize)
+    nested = offset = None
+    if double_quant:
+        absmax, nested, offset = _nest(absmax)
+    return QuantizedArray(packed=packed, absmax=absmax, nested_absmax=nested, offset=offset,
+                          format=fmt, blocksize=blocksize, shape=tuple(x.shape),
+                          dtype=np.dtype(x.dtype), transposed=transposed)
+
+
+def quantize(x, format: str = "nf4", *, blocksize: int | None = 64, double_quant: bool = False,
+             transposed: bool = False) -> QuantizedArray:
+    """Blockwise-quantizes an array, bit-identical to bitsandbytes.
+
+    x: float32, bfloat16 or float16 array of any shape.
+    format: "nf4" or "fp4" (bitsandbytes `quantize_4bit`), or "int8" (symmetric,
+      round(x * 127 / absmax)).
+    blocksize: 32 ... 4096 consecutive row-major elements per absmax; for "int8", None
+      gives one absmax per output channel (the last axis), as LLM.int8 stores weights.
+    double_quant: quantize the absmax too (bitsandbytes' `compress_statistics`): 8-bit
+      dynamic codes in blocks of 256 around their mean.
+    transposed: store x's last two axes swapped, as torch stores an `(in, out)` kernel
+      in `(out, in)`; `q.shape` stays x.shape (`q.T` is the untransposed view).
+    Returns a QuantizedArray. Raises TypeError for non-float x, ValueError for an unknown
+    format, an invalid blocksize, an empty x, or NaN/Inf in a concrete x.
+    """
+    spec = formats.get_format(format)
+    check_float_array(x)
+    check_blocksize(spec, blocksize)
+    if transposed and np.ndim(x) < 2:
+        raise ValueError(f"transposed=True needs an array of rank >= 2, got {_describe(x)}")
+    check_finite(x)
+    return _quantize(jnp.asarray(x), format, blocksize, double_quant, transposed)
+
+
+# ----------------------------------------------------------------------------- dequantize
+
+
+def absmax_f32(q: QuantizedArray):
+    """The float32 absmax of q (double quantization decoded), shaped like `q.absmax`."""
+    if q.nested_absmax is None:
+        return q.absmax
+    flat = _dequantize_blockwise(q.absmax.reshape(-1), q.nested_absmax, formats.NESTED_BLOCKSIZE,
+                                 np.dtype(np.float32))
+    return (round_product(flat) + q.offset).reshape(q.absmax.shape)
+
+
+def _values_f32(q: QuantizedArray, absmax):
+    """The dequantized float32 values in storage shape."""
+    storage = q.storage_shape
+    n = math.prod(storage)
+    spec = formats.get_format(q.format)
+    if spec.is_linear:
+        codes = q.packed.astype(_F32)
+        if q.blocksize is None:
+            scale = jnp.expand_dims(absmax, _int8_absmax_axes(len(storage), q.transposed))
+            return (codes * scale) * _INV_127
+        idx, mult = codes, _INV_127
+    else:
+        idx, mult = unpack_nibbles(q.packed), None
+    if q.structured:
+        blocks = idx.reshape(storage[:-1] + (storage[-1] // q.blocksize, q.blocksize))
+    else:
+        blocks, _ = _blocks_of(idx.reshape(-1)[:n], q.blocksize)
+    if mult is None:
+        vals = lookup(blocks, spec.codebook.code) * absmax[..., None]
+    else:
+        vals = (blocks * absmax[..., None]) * mult
+    return vals.reshape(-1)[:n].reshape(storage)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize(q: QuantizedArray, dtype) -> jax.Array:
+    out = _values_f32(q, absmax_f32(q)).astype(dtype)
+    return _stored(out, q.transposed)
+
+
+def dequantize(q: QuantizedArray, dtype=None) -> jax.Array:
+    """The dense array of `q`: `code[idx] * absmax` in float32, rounded to `dtype`.
+
+    q: QuantizedArray of logical shape S. dtype: output dtype (default `q.dtype`).
+    Returns an array of shape S. Equals bitsandbytes' `dequantize_4bit` bit for bit.
+    """
+    if not isinstance(q, QuantizedArray):
+        raise TypeError(f"dequantize needs a QuantizedArray, got {type(q).__name__}")
+    return _dequantize(q, np.dtype(dtype if dtype is not None else q.dtype))

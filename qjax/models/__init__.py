@@ -1,0 +1,1 @@
+"""Reference Flax models that qjax converts (see qjax.models.llama)."""
