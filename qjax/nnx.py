@@ -1,0 +1,11 @@
+"""QLoRA for Flax NNX: QLoRALinear, QLoRALinearGeneral, convert, merge, and the variable types.
+
+`LoRAParam` is Flax's own `nnx.LoRAParam` (the one adapter type): train the adapters alone with
+`nnx.Optimizer(model, tx, wrt=qjax.nnx.LoRAParam)` and `nnx.grad(..., argnums=nnx.DiffState(0,
+qjax.nnx.LoRAParam))`. `BaseParam` holds the frozen base kernel.
+"""
+
+from qjax._src.nnx_convert import convert, merge
+from qjax._src.nnx_lora import BaseParam, LoRAParam, QLoRALinear, QLoRALinearGeneral
+
+__all__ = ["BaseParam", "LoRAParam", "QLoRALinear", "QLoRALinearGeneral", "convert", "merge"]
