@@ -2,10 +2,11 @@
 
 `LoRAParam` is Flax's own `nnx.LoRAParam` (the one adapter type): train the adapters alone with
 `nnx.Optimizer(model, tx, wrt=qjax.nnx.LoRAParam)` and `nnx.grad(..., argnums=nnx.DiffState(0,
-qjax.nnx.LoRAParam))`. `BaseParam` holds the frozen base kernel.
+qjax.nnx.LoRAParam))`. `BaseParam` (an `nnx.Variable`, not an `nnx.Param`) holds the frozen base.
 """
 
-from qjax._src.nnx_convert import convert, merge
+from qjax._src.nnx_convert import convert, merge, prepare_for_kbit_training
 from qjax._src.nnx_lora import BaseParam, LoRAParam, QLoRALinear, QLoRALinearGeneral
 
-__all__ = ["BaseParam", "LoRAParam", "QLoRALinear", "QLoRALinearGeneral", "convert", "merge"]
+__all__ = ["BaseParam", "LoRAParam", "QLoRALinear", "QLoRALinearGeneral", "convert", "merge",
+           "prepare_for_kbit_training"]

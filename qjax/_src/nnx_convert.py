@@ -133,3 +133,46 @@ def merge(model, dtype=None, *, requantize: QuantConfig | None = None):
             new = cls(new, None, requantize, rngs=nnx.Rngs(0), backend=m.backend, where=_path(parts))
         _replace(model, parts, new)
     return model
+
+
+def prepare_for_kbit_training(model, *, remat=None, dtype=jnp.float32):
+    """PEFT's prepare_model_for_kbit_training for an NNX model, in place; returns the model.
+
+    Casts every bfloat16/float16 `nnx.Param` that is not a base kernel (norm scales, biases,
+    embeddings, the head) to `dtype` (the adapters are float32 already). `remat`: patterns of module
+    paths (as in LoraConfig.target_modules, e.g. "blocks/*" or "layers") whose `__call__` is wrapped
+    in `nnx.remat`, so their activations are recomputed in the backward pass.
+    """
+    from qjax._src.kbit import upcast_half_params
+    from qjax._src.policy import _as_patterns
+
+    for _, node in list(nnx.iter_graph(model)):
+        if isinstance(node, nnx.Param) and not isinstance(node, BaseParam):
+            value = node.get_value()
+            new = upcast_half_params(value, dtype)
+            if new is not value:
+                node.set_value(new)
+    if remat:
+        patterns = _as_patterns(remat, "remat")
+        hits = [(parts, node) for parts, node in nnx.iter_graph(model)
+                if isinstance(node, nnx.Module) and parts
+                and any(L._pattern_hits(_path(parts), p) for p in patterns)]
+        if not hits:
+            raise ValueError(f"prepare_for_kbit_training: remat patterns {list(patterns)} match no module")
+        for _, node in hits:
+            _remat_module(node)
+    return model
+
+
+def _remat_module(module) -> None:
+    cls = type(module)
+    if getattr(cls, "_qjax_remat", False):
+        return
+    original = cls.__call__
+
+    @nnx.remat
+    def call(self, *args, **kwargs):
+        return original(self, *args, **kwargs)
+
+    module.__class__ = type(cls.__name__, (cls,), {"__call__": lambda self, *a, **k: call(self, *a, **k),
+                                                    "_qjax_remat": True, "__module__": cls.__module__})
