@@ -133,7 +133,8 @@ def lora_linear(x, kernel, bias, lora_a, lora_b, *, n_in: int, out_shape: Sequen
     y = base_matmul(x, kernel, n_in=n_in, out_shape=out_shape, compute_dtype=compute_dtype,
                     precision=precision, backend=backend, interpret=interpret)
     if bias is not None:
-        y = y + jnp.asarray(bias).astype(y.dtype)
+        bias = jnp.asarray(bias).astype(y.dtype)
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
     if lora_a is not None:
         delta = lora_delta(dropout(x, dropout_rate, dropout_key), lora_a, lora_b, n_in=n_in,
                            scaling=scaling, precision=precision)
