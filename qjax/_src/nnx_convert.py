@@ -41,10 +41,11 @@ def _replace(model, parts, new) -> None:
 
 
 def _check_not_converted(model) -> None:
-    for parts, node in nnx.iter_graph(model):
-        if isinstance(node, (_QLoRABase, BaseParam)):
-            raise ValueError(f"{_path(parts) or '<root>'} is already a qjax QLoRA layer: the model is "
-                             "already converted (qjax.nnx.merge gives back plain layers)")
+    nodes = list(nnx.iter_graph(model))
+    hits = [p for p, n in nodes if isinstance(n, _QLoRABase)] or [p for p, n in nodes if isinstance(n, BaseParam)]
+    if hits:
+        raise ValueError(f"{_path(hits[0]) or '<root>'} is already a qjax QLoRA layer: the model is "
+                         "already converted (qjax.nnx.merge gives back plain layers)")
 
 
 def _kernel_size(m) -> int:
@@ -114,17 +115,14 @@ def merge(model, dtype=None, *, requantize: QuantConfig | None = None):
         w = m.merged_kernel(dtype)
         bias = m.bias.get_value() if m.bias is not None else None
         general = isinstance(m, QLoRALinearGeneral)
-        in_f = m.in_features if general else m.in_features
         if general:
             new = nnx.LinearGeneral(m.in_features, m.out_features, axis=m.axis, use_bias=bias is not None,
                                     dtype=m.dtype, param_dtype=w.dtype, precision=m.precision,
                                     kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
         else:
-            new = nnx.Linear(in_f, m.out_features, use_bias=bias is not None, dtype=m.dtype,
+            new = nnx.Linear(m.in_features, m.out_features, use_bias=bias is not None, dtype=m.dtype,
                              param_dtype=w.dtype, precision=m.precision,
                              kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
-        if general and w.ndim != new.kernel.get_value().ndim:
-            pass  # stacked layers keep their leading axes
         new.kernel = nnx.Param(w)
         if bias is not None:
             new.bias = nnx.Param(bias)
