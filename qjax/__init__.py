@@ -1,6 +1,6 @@
 """qjax: QLoRA for JAX. Quantized arrays bit-identical to bitsandbytes, fused kernels, Flax adapters."""
 
-from qjax import interop
+from qjax import checkpoint, interop
 from qjax._src.footprint import Footprint, memory_footprint
 from qjax._src.formats import BLOCKSIZES, FORMATS
 from qjax._src.lora_config import LoraConfig
@@ -13,6 +13,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantizedArray",
-    "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized",
+    "checkpoint", "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized",
     "memory_footprint", "qmatmul", "quantize", "quantize_blockwise", "quantize_params",
 ]
