@@ -38,7 +38,7 @@ def dense(layer, x, scaling):
     k = layer["kernel"]
     y = qjax.qmatmul(x, k) if qjax.is_quantized(k) else x @ k
     if "bias" in layer:
-        y = y + layer["bias"]
+        y = y + layer["bias"][None, :]
     return y + scaling * ((x @ layer["lora_a"]) @ layer["lora_b"])
 
 
@@ -50,4 +50,4 @@ def apply(variables, x, scaling):
         a = p[f"layers_{i}"]["self_attn"]
         x = jnp.tanh(dense(a["q_proj"], x, scaling)) * dense(a["v_proj"], x, scaling)
         i += 1
-    return x * p["norm"]["scale"]
+    return x * p["norm"]["scale"][None, :]

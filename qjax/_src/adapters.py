@@ -48,11 +48,15 @@ def as_tree(variables_or_model) -> Any:
     """The tree to read: the module's `nnx.state` adapters as a pure dict, or the tree itself."""
     if is_nnx_module(variables_or_model):
         from flax import nnx
-        state = nnx.state(variables_or_model, lambda path, _: _is_adapter_path(path))
-        return state.to_pure_dict()
+        return _to_pure(nnx.state(variables_or_model, lambda path, _: _is_adapter_path(path)))
     if hasattr(variables_or_model, "to_pure_dict"):  # nnx.State
-        return variables_or_model.to_pure_dict()
+        return _to_pure(variables_or_model)
     return variables_or_model
+
+
+def _to_pure(state):
+    from flax import nnx
+    return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
 def flat_adapters(variables_or_model) -> dict[Path, Any]:
@@ -120,11 +124,14 @@ def replace_adapters(variables_or_model, new: dict[Path, Any]):
         from flax import nnx
         model = variables_or_model
         state = nnx.state(model, lambda path, _: _is_adapter_path(path))
-        pure = state.to_pure_dict()
+        pure = _to_pure(state)
         for path, x in new.items():
             parent = lookup(pure, path[:-1])
             parent[path[-1] if path[-1] in parent else str(path[-1])] = x
-        state.replace_by_pure_dict(pure)
+        if hasattr(nnx, "replace_by_pure_dict"):
+            nnx.replace_by_pure_dict(state, pure)
+        else:
+            state.replace_by_pure_dict(pure)
         nnx.update(model, state)
         return model
 
