@@ -1,6 +1,6 @@
 """qjax: QLoRA for JAX. Quantized arrays bit-identical to bitsandbytes, fused kernels, Flax adapters."""
 
-from qjax import interop, linen, nnx, optim
+from qjax import checkpoint, interop, linen, nnx, optim
 from qjax._src.kbit import prepare_for_kbit_training, upcast_half_params
 from qjax._src.footprint import Footprint, memory_footprint
 from qjax._src.formats import BLOCKSIZES, FORMATS
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantizedArray",
-    "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized", "linen",
-    "memory_footprint", "nnx", "optim", "prepare_for_kbit_training", "qmatmul", "quantize", "quantize_blockwise", "quantize_params",
-    "upcast_half_params",
+    "checkpoint", "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized",
+    "linen", "memory_footprint", "nnx", "optim", "prepare_for_kbit_training", "qmatmul", "quantize",
+    "quantize_blockwise", "quantize_params", "upcast_half_params",
 ]
