@@ -109,3 +109,18 @@ def test_large_kernel_costs_4127_bits():
                                                   blocksize=64, double_quant=True))
     report = qjax.memory_footprint({"w": shapes})
     assert abs(report.quantized_bits_per_param - 4.127) < 0.001
+
+
+def test_stacked_layers_footprint_and_dequantize(rng):
+    """vmap-quantized stacks (scanned models) count every layer and dequantize per layer."""
+    w = jnp.asarray(random_weights(rng, (3, 32, 64), "bfloat16"))
+    stacked = jax.vmap(lambda a: qjax.quantize(a, "nf4", blocksize=64, double_quant=True))(w)
+    assert stacked.shape == (32, 64) and stacked.stack_shape == (3,)
+    dense = qjax.dequantize(stacked)
+    assert dense.shape == (3, 32, 64)
+    np.testing.assert_array_equal(dense[2], qjax.dequantize(qjax.quantize(w[2], "nf4", blocksize=64,
+                                                                         double_quant=True)))
+    row = qjax.memory_footprint({"w": stacked}).leaves[0]
+    assert row.params == 3 * 32 * 64 and row.shape == (3, 32, 64) and row.nbytes == stacked.nbytes
+    back = qjax.dequantize_params({"w": stacked})
+    assert back["w"].shape == (3, 32, 64)

@@ -385,9 +385,12 @@ def _dequantize(q: QuantizedArray, dtype) -> jax.Array:
 def dequantize(q: QuantizedArray, dtype=None) -> jax.Array:
     """The dense array of `q`: `code[idx] * absmax` in float32, rounded to `dtype`.
 
-    q: QuantizedArray of logical shape S. dtype: output dtype (default `q.dtype`).
-    Returns an array of shape S. Equals bitsandbytes' `dequantize_4bit` bit for bit.
+    q: QuantizedArray of logical shape S (stacked: leaves with leading axes L).
+    dtype: output dtype (default `q.dtype`). Returns an array of shape S (stacked: L + S). Equals bitsandbytes' `dequantize_4bit` bit for bit.
     """
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"dequantize needs a QuantizedArray, got {type(q).__name__}")
-    return _dequantize(q, np.dtype(dtype if dtype is not None else q.dtype))
+    fn = functools.partial(_dequantize, dtype=np.dtype(dtype if dtype is not None else q.dtype))
+    for _ in q.stack_shape:  # stacked layers: one dequantization per layer
+        fn = jax.vmap(fn)
+    return fn(q)
