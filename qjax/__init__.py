@@ -3,6 +3,7 @@
 from qjax import interop
 from qjax._src.footprint import Footprint, memory_footprint
 from qjax._src.formats import BLOCKSIZES, FORMATS
+from qjax._src.int8 import int8_matmul
 from qjax._src.loftq import loftq, loftq_init
 from qjax._src.lora_config import LoraConfig
 from qjax._src.policy import DEFAULT_SKIP, QuantConfig, dequantize_params, quantize_params
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantizedArray",
-    "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized", "loftq", "loftq_init",
+    "dequantize", "dequantize_blockwise", "dequantize_params", "int8_matmul", "interop", "is_quantized",
+    "loftq", "loftq_init",
     "memory_footprint", "qmatmul", "quantize", "quantize_blockwise", "quantize_params",
 ]

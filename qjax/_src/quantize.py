@@ -279,7 +279,10 @@ def _quantize_int8(stored, blocksize, transposed: bool):
     if blocksize is None:
         axes = _int8_absmax_axes(len(shape), transposed)
         absmax = jnp.max(jnp.abs(xf), axis=axes)
-        scale = jnp.expand_dims(jnp.where(absmax > 0, 127.0 / absmax, 0.0), axes)
+        # bitsandbytes' int8_vectorwise_quant (Linear8bitLt's weights): torch evaluates
+        # `127.0 / absmax` as 127 * (1 / absmax), two roundings; 127 / absmax differs at ties
+        inv = 1.0 / jnp.where(absmax > 0, absmax, 1.0)
+        scale = jnp.expand_dims(jnp.where(absmax > 0, round_product(inv) * 127.0, 0.0), axes)
         return jnp.round(xf * scale).astype(jnp.int8), absmax
     if is_structured(shape, "int8", blocksize):
         blocks = xf.reshape(shape[:-1] + (shape[-1] // blocksize, blocksize))
