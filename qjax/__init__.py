@@ -10,12 +10,13 @@ from qjax._src.policy import DEFAULT_SKIP, QuantConfig, dequantize_params, quant
 from qjax._src.qarray import QuantizedArray, is_quantized
 from qjax._src.qmatmul import qmatmul
 from qjax._src.quantize import dequantize, dequantize_blockwise, quantize, quantize_blockwise
+from qjax._src.rules import QuantRules, first_blocks
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantizedArray",
-    "dequantize", "dequantize_blockwise", "dequantize_params", "int8_matmul", "interop", "is_quantized",
-    "loftq", "loftq_init",
-    "memory_footprint", "qmatmul", "quantize", "quantize_blockwise", "quantize_params",
+    "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantRules",
+    "QuantizedArray", "dequantize", "dequantize_blockwise", "dequantize_params", "first_blocks",
+    "int8_matmul", "interop", "is_quantized", "loftq", "loftq_init", "memory_footprint", "qmatmul",
+    "quantize", "quantize_blockwise", "quantize_params",
 ]

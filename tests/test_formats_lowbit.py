@@ -128,3 +128,43 @@ def test_transposed_double_quant_qmatmul_and_pytree(rng, fmt):
     back = jax.tree_util.tree_unflatten(treedef, [np.asarray(leaf) for leaf in leaves])
     np.testing.assert_array_equal(qjax.dequantize(back), dense)
     assert back.format == fmt
+
+
+def _tree(n_layers=4):
+    layer = {"attn": {"kernel": np.zeros((64, 128), np.float32)}, "norm": {"scale": np.ones((64,), np.float32)}}
+    tree = {f"layers_{i}": layer for i in range(n_layers)}
+    tree["embed_tokens"] = {"embedding": np.zeros((32, 64), np.float32)}
+    tree["head"] = {"kernel": np.zeros((64, 64), np.float32)}
+    return {"params": tree}
+
+
+def test_first_blocks_mixed_precision_and_footprint():
+    high = qjax.QuantConfig(format="nf4", double_quant=False)
+    low = qjax.QuantConfig(format="nf2", double_quant=False)
+    rules = qjax.first_blocks(2, high, low)
+    assert rules.config_for("params/layers_1/attn/kernel") is high
+    assert rules.config_for("model/layers/0/mlp/kernel") is high  # NNX / Llama spelling
+    assert rules.config_for("params/layers_10/attn/kernel") is low
+    assert rules.config_for("params/embed_tokens/embedding") is None  # low's DEFAULT_SKIP still applies
+    q = qjax.quantize_params(_tree(), rules)["params"]
+    assert [q[f"layers_{i}"]["attn"]["kernel"].format for i in range(4)] == ["nf4", "nf4", "nf2", "nf2"]
+    assert q["head"]["kernel"].format == "nf2" and not qjax.is_quantized(q["embed_tokens"]["embedding"])
+    fp = qjax.memory_footprint({"params": q})
+    # 4 kernels of 64x128 (two at 4.5 bits, two at 2.5) and the 64x64 head at 2.5 bits
+    n = 64 * 128
+    assert fp.bits_by_format() == pytest.approx({"nf2": 2.5, "nf4": 4.5})
+    assert fp.quantized_bits_per_param == pytest.approx((2 * n * 4.5 + (2 * n + 64 * 64) * 2.5) / (4 * n + 64 * 64))
+    assert "by format" in str(fp)
+
+
+def test_quant_rules_order_and_dense():
+    rules = qjax.QuantRules(((("*attn*",), None), ("*layers_0*", qjax.QuantConfig(format="nf3"))),
+                            default=qjax.QuantConfig(format="nf4"))
+    assert rules.config_for("params/layers_0/attn/kernel") is None  # first matching rule wins
+    assert rules.config_for("params/layers_0/mlp/kernel").format == "nf3"
+    assert rules.config_for("params/layers_1/mlp/kernel").format == "nf4"
+    with pytest.raises(TypeError, match="QuantConfig"):
+        qjax.QuantRules((("*", "nf4"),))
+    with pytest.raises(ValueError, match=">= 0"):
+        qjax.first_blocks(-1, rules.default, rules.default)
+    assert qjax.first_blocks(0, rules.default, qjax.QuantConfig(format="nf2")).config_for("layers_0/k").format == "nf2"
