@@ -4,17 +4,21 @@ from qjax import checkpoint, interop, linen, nnx, optim
 from qjax._src.kbit import prepare_for_kbit_training, upcast_half_params
 from qjax._src.footprint import Footprint, memory_footprint
 from qjax._src.formats import BLOCKSIZES, FORMATS
+from qjax._src.int8 import int8_matmul
+from qjax._src.loftq import loftq, loftq_init
 from qjax._src.lora_config import LoraConfig
 from qjax._src.policy import DEFAULT_SKIP, QuantConfig, dequantize_params, quantize_params
 from qjax._src.qarray import QuantizedArray, is_quantized
 from qjax._src.qmatmul import qmatmul
 from qjax._src.quantize import dequantize, dequantize_blockwise, quantize, quantize_blockwise
+from qjax._src.rules import QuantRules, first_blocks
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantizedArray",
-    "checkpoint", "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized",
-    "linen", "memory_footprint", "nnx", "optim", "prepare_for_kbit_training", "qmatmul", "quantize",
-    "quantize_blockwise", "quantize_params", "upcast_half_params",
+    "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantRules",
+    "QuantizedArray", "checkpoint", "dequantize", "dequantize_blockwise", "dequantize_params", "first_blocks",
+    "int8_matmul", "interop", "is_quantized", "linen", "loftq", "loftq_init", "memory_footprint", "nnx",
+    "optim", "prepare_for_kbit_training", "qmatmul", "quantize", "quantize_blockwise", "quantize_params",
+    "upcast_half_params",
 ]
