@@ -286,7 +286,9 @@ def _quantize_int8(stored, blocksize, transposed: bool):
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
     scale = jnp.where(absmax > 0, 127.0 / absmax, 0.0)
     codes = jnp.round(blocks * scale[..., None]).astype(jnp.int8)
-    if not is_structured(shape, "int8", blocksize):
+    if is_structured(shape, "int8", blocksize):
+        codes = codes.reshape(shape)
+    else:
         codes = codes.reshape(-1)[: math.prod(shape)]
     return codes, absmax
 
