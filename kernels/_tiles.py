@@ -115,7 +115,7 @@ def decode_values(codes, spec: WeightSpec):
     return lookup(idx, spec.code)
 
 
-def expand_absmax(a, tc: int, blocksize: int):
+def expand_absmax(a, tc: int):
     """(tr, nb) per-block absmax -> (tr, tc), each value repeated over its block's columns."""
     tr, nb = a.shape
     rep = tc // nb
@@ -146,7 +146,7 @@ def load_weight_tile(codes_ref, absmax_ref, spec: WeightSpec, r0, c0, tr: int, t
     acols = c0 // spec.blocksize + jnp.arange(nb, dtype=jnp.int32)[None, :]
     absmax = pltr.load(absmax_ref.at[pl.ds(r0, tr), pl.ds(c0 // spec.blocksize, nb)],
                        mask=(rows < rows_total) & (acols < cols_total // spec.blocksize), other=0.0)
-    return scale(decode_values(codes, spec), expand_absmax(absmax, tc, spec.blocksize), spec, dtype)
+    return scale(decode_values(codes, spec), expand_absmax(absmax, tc), spec, dtype)
 
 
 def load_x_tile(x_ref, m0, k0, tm: int, tk: int, m: int, k: int):
@@ -166,14 +166,6 @@ def weight_tile(spec: WeightSpec, codes_ref, absmax_ref, k0, n0, tk: int, tn: in
     if spec.transposed:
         return load_weight_tile(codes_ref, absmax_ref, spec, n0, k0, tn, tk, dtype)
     return load_weight_tile(codes_ref, absmax_ref, spec, k0, n0, tk, tn, dtype)
-
-
-def check_tile(name: str, value: int, spec: WeightSpec, along_storage_cols: bool) -> list[str]:
-    """Problems with a tile size: a power of two >= 16; blocks of the storage's last axis must nest."""
-    problems = []
-    if not is_pow2(value) or value < 16:
-        problems.append(f"{name}={value} must be a power of two >= 16")
-    return problems
 
 
 def num_tiles(n: int, t: int) -> int:

@@ -8,8 +8,8 @@ Two backends share one `jax.custom_vjp`:
   pallas: the kernels in `qjax.kernels` (Mosaic GPU on Hopper, Triton elsewhere, a split-K
           GEMV kernel for M <= 16); `interpret=True` runs them on the CPU.
 
-Gradients: `dx = dy @ W^T` runs through the same machinery on the transposed view `q.T`
-(no bytes move). The QuantizedArray is frozen: its cotangent is zeros (float0 for the integer
+Gradients: `dx = dy @ W^T` runs through the same machinery: the xla path contracts the
+other stored axis, the Pallas path runs its kernels on the view `q.T` (no bytes move). The QuantizedArray is frozen: its cotangent is zeros (float0 for the integer
 code leaves), so `jax.grad(..., allow_int=True)` over a tree holding it works and returns
 zeros/float0 for it; the usual route is to differentiate only the trainable subtree.
 """
