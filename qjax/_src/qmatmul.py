@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._src import formats
+from qjax._src.codes import lookup
 from qjax._src.qarray import QuantizedArray, check_leaves
 from qjax._src.quantize import _values_f32, absmax_f32
 
@@ -43,15 +44,51 @@ def dequantize_storage(q: QuantizedArray, dtype):
     return _values_f32(q, absmax_f32(q)).astype(dtype)
 
 
+def _nibble_halves(q: QuantizedArray, dtype):
+    """A structured 4-bit q's values as two (R, C / 2) halves: columns 0, 2, 4, ... and 1, 3, 5, ...
+
+    The high nibble of a byte is the even column, the low nibble the odd one, so the halves
+    come without interleaving registers; a block of `blocksize` columns is `blocksize / 2`
+    columns of each half. Same numbers as `dequantize`: `code * absmax` in float32, one rounding.
+    """
+    code = formats.get_format(q.format).codebook.code
+    absmax = absmax_f32(q)  # (R, C / bs), decoded once
+    rows, half = q.packed.shape
+    per_block = q.blocksize // 2
+
+    def values(nibbles):
+        v = lookup(nibbles, code).reshape(rows, half // per_block, per_block) * absmax[..., None]
+        return v.reshape(rows, half).astype(dtype)
+
+    return values(q.packed >> 4), values(q.packed & 0xF)
+
+
+def _dot(x, w, w_axis: int, precision):
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w_axis,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
 def xla_qmatmul(x, q: QuantizedArray, dtype, precision=None, adjoint: bool = False):
-    """x (..., K) @ q (K, N) in jnp: fused dequantize, then one dot with float32 accumulation.
+    """x (..., K) @ q (K, N) in jnp: fused dequantize, then dots with float32 accumulation.
 
     adjoint=True computes x (..., N) @ q^T instead (the backward pass), on the same storage.
+    The stored axis is contracted directly (no transpose of a torch-ordered weight). A
+    structured 4-bit weight is used as its even/odd nibble halves: contracting the packed axis
+    splits x into its even/odd columns (two dots, summed); contracting the other axis gives
+    the even/odd output columns, interleaved after the dots.
     """
-    w = dequantize_storage(q, dtype)  # (K, N), or (N, K) when transposed
-    w_contract = int(q.transposed) ^ int(adjoint)
-    y = jax.lax.dot_general(x.astype(dtype), w, (((x.ndim - 1,), (w_contract,)), ((), ())),
-                            precision=precision, preferred_element_type=jnp.float32)
+    x = x.astype(dtype)
+    contract_packed = bool(q.transposed) != bool(adjoint)  # storage (R, C): contract C?
+    if formats.get_format(q.format).bits == 4 and q.structured:
+        hi, lo = _nibble_halves(q, dtype)
+        if contract_packed:
+            y = _dot(x[..., 0::2], hi, 1, precision) + _dot(x[..., 1::2], lo, 1, precision)
+        else:
+            y_even, y_odd = _dot(x, hi, 0, precision), _dot(x, lo, 0, precision)
+            y = jnp.stack([y_even, y_odd], axis=-1).reshape(y_even.shape[:-1] + (2 * y_even.shape[-1],))
+    else:
+        w = dequantize_storage(q, dtype)  # (K, N), or (N, K) when transposed
+        y = _dot(x, w, int(contract_packed), precision)
     return y.astype(dtype)
 
 
