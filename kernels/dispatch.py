@@ -1,7 +1,8 @@
 """Which Pallas kernel runs a qmatmul, and the checks `qjax.qmatmul(backend=...)` relies on.
 
   M <= 16                                  -> qmatmul_decode (split-K GEMV, bandwidth-bound)
-  M > 16, Hopper (sm_90+), transposed bf16/f16 weight, N % 128 == 0 -> qmatmul_mosaic (TMA + wgmma)
+  M > 16, Hopper (sm_90+), bf16/f16, N % 128 == 0 (plain weights: K % 64 == 0)
+                                           -> qmatmul_mosaic (TMA + wgmma)
   otherwise                                -> qmatmul_triton (portable GEMM; Ampere's path)
 
 In interpret mode (CPU) the Mosaic GPU kernel cannot run, so M > 16 takes the Triton kernel.

@@ -20,8 +20,19 @@ wants for a *register* left operand. Each CTA owns an output tile and computes i
     wrapper transposes it back; M is padded to block_m with zero rows.
 
 Each K step stays inside one quantization block (tk <= blocksize), so a step needs one absmax
-per row. Limits, checked with clear errors: bf16/f16 compute (wgmma f32 would be tf32, not the
-oracle's numbers), a transposed structured weight, N a multiple of block_n.
+per row.
+
+A plain `(K, N)` weight (quantized from a JAX `(in, out)` kernel, and the backward pass of a
+torch-ordered one) is packed along N, so its decoded tile is the *right* wgmma operand, which
+must live in shared memory: each K step (64 rows) decodes the codes tile in registers into its
+even-column and odd-column halves, stores both as bf16/f16 into swizzled SMEM, fences, and
+issues `x tile @ half` into two accumulators (the even and odd output columns, interleaved by
+the wrapper). The absmax, transposed to (N / bs, K), gives each block of columns its row; a
+column iota selects between them when a tile spans several blocks.
+
+Limits, checked with clear errors: bf16/f16 compute (wgmma f32 would be tf32, not the oracle's
+numbers), a structured weight, N a multiple of block_n (plain layout: block_n = 128 and K a
+multiple of 64).
 
 Mosaic GPU kernels do not run in Pallas interpret mode (no discharge rule for TMA copies), so
 this file also has `emulate`, a jnp transcription of the kernel's schedule (same tiles, same
@@ -73,16 +84,31 @@ def step_k(spec: _tiles.WeightSpec) -> int:
     return min(spec.blocksize, 128)
 
 
-def decode_step(codes, absmax_row, spec: _tiles.WeightSpec, dtype):
-    """One step's W^T parts in registers: codes (tn, tk / parts), absmax (tn,) -> tuple of (tn, tk / parts).
+def decode_parts(codes, absmax, spec: _tiles.WeightSpec, dtype):
+    """A codes tile (r, c) and its absmax broadcast to (r, c) -> the decoded parts, each (r, c).
 
-    4-bit: (values of the high nibbles = even k, values of the low nibbles = odd k); int8: (values,).
+    4-bit: (values of the high nibbles, values of the low nibbles), i.e. the even and odd
+    elements along the packed axis; int8: (values,). Same numbers as `qjax.dequantize`.
     """
     c = codes.astype(jnp.int32)  # Mosaic GPU does arithmetic on 16/32-bit types only
-    am = jax.lax.broadcast_in_dim(absmax_row, c.shape, (0,))
     if spec.bits == 8:
-        return (_tiles.scale(c.astype(jnp.float32), am, spec, dtype),)
-    return tuple(_tiles.scale(lookup(nib, spec.code), am, spec, dtype) for nib in (c >> 4, c & 0xF))
+        return (_tiles.scale(c.astype(jnp.float32), absmax, spec, dtype),)
+    return tuple(_tiles.scale(lookup(nib, spec.code), absmax, spec, dtype) for nib in (c >> 4, c & 0xF))
+
+
+def decode_step(codes, absmax_row, spec: _tiles.WeightSpec, dtype):
+    """Transposed layout: codes (tn, tk / parts), one absmax per row (tn,) -> the W^T parts."""
+    return decode_parts(codes, jax.lax.broadcast_in_dim(absmax_row, codes.shape, (0,)), spec, dtype)
+
+
+def column_absmax(absmax_rows, shape, block_cols: int, blocks: int):
+    """Plain layout: absmax rows (blocks, r), one per run of `block_cols` columns -> (r, c)."""
+    am = jax.lax.broadcast_in_dim(absmax_rows[0], shape, (0,))
+    if blocks > 1:
+        col = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+        for b in range(1, blocks):
+            am = jnp.where(col >= b * block_cols, jax.lax.broadcast_in_dim(absmax_rows[b], shape, (0,)), am)
+    return am
 
 
 def _transforms(row_bytes: int, itemsize: int):
@@ -149,6 +175,77 @@ def _call(x2, q, *, spec, cfg, dtype):
     return out_t[:, :m].T
 
 
+PLAIN_TK = 64  # K rows per step for a plain (K, N) weight
+
+
+def _plain_geometry(spec: _tiles.WeightSpec, cfg: MosaicConfig):
+    """(parts, width of a part, absmax rows per tile, columns of a part per absmax row)."""
+    parts = 2 if spec.bits == 4 else 1
+    blocks = max(1, cfg.block_n // spec.blocksize)
+    return parts, cfg.block_n // parts, blocks, min(cfg.block_n, spec.blocksize) // parts
+
+
+def _kernel_plain(x_gmem, codes_gmem, absmax_gmem, *refs, spec, cfg: MosaicConfig, dtype):
+    parts, width, blocks, block_cols = _plain_geometry(spec, cfg)
+    o_smems, accs, w_smems = refs[:parts], refs[parts:2 * parts], refs[2 * parts:]
+    tm, tn, tk = cfg.block_m, cfg.block_n, PLAIN_TK
+    m = pl.program_id(0)
+    n = pl.program_id(1)
+    itemsize = np.dtype(dtype).itemsize
+
+    def step(_, x_smem, codes_smem, absmax_smem):
+        absmax = column_absmax(absmax_smem, (tk, width), block_cols, blocks)
+        for w, w_smem in zip(decode_parts(codes_smem[...], absmax, spec, dtype), w_smems):
+            w_smem[...] = w
+        plgpu.commit_smem()  # make the decoded tile visible to the tensor cores
+        for acc, w_smem in zip(accs, w_smems):
+            plgpu.wgmma(acc, x_smem, w_smem)
+        plgpu.wgmma_wait(0)  # the next step overwrites w_smems
+
+    plgpu.emit_pipeline(
+        step,
+        grid=(spec.k // tk,),
+        in_specs=[plgpu.BlockSpec((tm, tk), lambda s: (m, s), transforms=_transforms(tk * itemsize, itemsize)),
+                  plgpu.BlockSpec((tk, width), lambda s: (s, n), transforms=_transforms(width, 1)),
+                  plgpu.BlockSpec((blocks, tk), lambda s: ((n * tn // spec.blocksize) // blocks, s))],
+        max_concurrent_steps=cfg.max_concurrent_steps,
+    )(x_gmem, codes_gmem, absmax_gmem)
+    for o_smem, acc in zip(o_smems, accs):
+        o_smem[...] = acc[...].astype(o_smem.dtype)
+
+
+def _interleave(parts):
+    """(even columns, odd columns) -> all columns; a single part is returned as is."""
+    if len(parts) == 1:
+        return parts[0]
+    return jnp.stack(parts, axis=-1).reshape(parts[0].shape[:-1] + (2 * parts[0].shape[-1],))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "cfg", "dtype"))
+def _call_plain(x2, q, *, spec, cfg, dtype):
+    m = x2.shape[0]
+    parts, width, _, _ = _plain_geometry(spec, cfg)
+    mp = _tiles.num_tiles(m, cfg.block_m) * cfg.block_m
+    x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
+    codes, absmax = _tiles.storage_operands(q)
+    itemsize = dtype.itemsize
+    out_spec = plgpu.BlockSpec((cfg.block_m, width), lambda m, n: (m, n),
+                               transforms=_transforms(width * itemsize, itemsize))
+    outs = pl.pallas_call(
+        functools.partial(_kernel_plain, spec=spec, cfg=cfg, dtype=dtype),
+        grid=(mp // cfg.block_m, spec.n // cfg.block_n),
+        in_specs=[pl.BlockSpec(memory_space=plgpu.GMEM)] * 3,
+        out_specs=[out_spec] * parts,
+        out_shape=[jax.ShapeDtypeStruct((mp, spec.n // parts), dtype)] * parts,
+        scratch_shapes=([plgpu.ACC((cfg.block_m, width), jnp.float32)] * parts
+                        + [plgpu.SMEM((PLAIN_TK, width), dtype, transforms=_transforms(width * itemsize, itemsize))]
+                        * parts),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        name=f"qmatmul_mosaic_plain_{spec.format}",
+    )(x2, codes, absmax.T)  # absmax: (K, N / bs) -> (N / bs, K), a row per block of columns
+    return _interleave(outs)[:m]
+
+
 def check(x_shape, q: QuantizedArray, dtype, config: MosaicConfig | None = None) -> _tiles.WeightSpec:
     """Validates the operands for the Mosaic GPU kernel; raises ValueError naming what it cannot take."""
     spec = _tiles.weight_spec(x_shape, q, dtype, "qmatmul_mosaic")
@@ -158,8 +255,10 @@ def check(x_shape, q: QuantizedArray, dtype, config: MosaicConfig | None = None)
     if np.dtype(dtype) not in _HALF_DTYPES:
         problems.append(f"compute dtype {np.dtype(dtype).name} is not bfloat16/float16 (wgmma would use tf32)")
     if not spec.transposed:
-        problems.append("the weight must be stored transposed ((N, K), torch order; quantize(..., "
-                        "transposed=True) or a bitsandbytes import); plain (K, N) weights use qmatmul_triton")
+        if cfg.block_n != 128:
+            problems.append(f"a plain (K, N) weight needs block_n=128, got block_n={cfg.block_n}")
+        if spec.k % PLAIN_TK:
+            problems.append(f"a plain (K, N) weight needs K={spec.k} to be a multiple of {PLAIN_TK}")
     if spec.n % cfg.block_n:
         problems.append(f"N={spec.n} must be a multiple of block_n={cfg.block_n}")
     if problems:
@@ -171,28 +270,33 @@ def qmatmul_mosaic(x, q: QuantizedArray, *, compute_dtype=None, config: MosaicCo
     """`x @ dequantize(q)` through the Hopper Mosaic GPU kernel (needs an sm_90 GPU to run).
 
     x: (..., K) float array, cast to compute_dtype (bfloat16 or float16; default x.dtype).
-    q: transposed structured QuantizedArray (nf4/fp4 with or without double quant, blockwise
-    int8), logical (K, N), N a multiple of block_n. Returns (..., N) in compute_dtype.
+    q: structured QuantizedArray (nf4/fp4 with or without double quant, blockwise int8),
+    logical (K, N), plain or transposed, N a multiple of block_n. Returns (..., N) in compute_dtype.
     Raises ValueError for anything else (see `check`).
     """
     dtype = np.dtype(compute_dtype if compute_dtype is not None else x.dtype)
     cfg = config or MosaicConfig()
     spec = check(np.shape(x), q, dtype, cfg)
     x2, lead = _tiles.flatten_x(jnp.asarray(x), spec.k, dtype)
-    return _call(x2, q, spec=spec, cfg=cfg, dtype=dtype).reshape(lead + (spec.n,))
+    call = _call if spec.transposed else _call_plain
+    return call(x2, q, spec=spec, cfg=cfg, dtype=dtype).reshape(lead + (spec.n,))
 
 
 def emulate(x, q: QuantizedArray, *, compute_dtype=None, config: MosaicConfig | None = None) -> jax.Array:
     """The kernel's schedule in jnp (runs anywhere): same tiles, split, decode and absmax rows.
 
-    Only the data movement (TMA, SMEM, wgmma) is replaced: each step's two (or one) products are
+    Only the data movement (TMA, SMEM, wgmma) is replaced: each step's products are
     float32-accumulated dots. Used by the tests as the CPU check of the kernel's indexing.
     """
     dtype = np.dtype(compute_dtype if compute_dtype is not None else x.dtype)
     cfg = config or MosaicConfig()
     spec = check(np.shape(x), q, dtype, cfg)
     x2, lead = _tiles.flatten_x(jnp.asarray(x), spec.k, dtype)
-    m = x2.shape[0]
+    emulated = _emulate_transposed if spec.transposed else _emulate_plain
+    return emulated(x2, q, spec, cfg, dtype)[: x2.shape[0]].reshape(lead + (spec.n,))
+
+
+def _emulate_transposed(x2, q, spec, cfg, dtype):
     codes, absmax_t, parts = _operands(x2, q, spec, cfg.block_m)
     tn, tm, tk = cfg.block_n, cfg.block_m, step_k(spec)
     tkp = tk // len(parts)
@@ -209,4 +313,27 @@ def emulate(x, q: QuantizedArray, *, compute_dtype=None, config: MosaicConfig | 
                     xt = xp[mi * tm:(mi + 1) * tm, s * tkp:(s + 1) * tkp]
                     acc = acc + jnp.dot(w, xt.T, preferred_element_type=jnp.float32)
             out_t = out_t.at[n * tn:(n + 1) * tn, mi * tm:(mi + 1) * tm].set(acc.astype(dtype))
-    return out_t[:, :m].T.reshape(lead + (spec.n,))
+    return out_t.T
+
+
+def _emulate_plain(x2, q, spec, cfg, dtype):
+    parts, width, blocks, block_cols = _plain_geometry(spec, cfg)
+    tm, tn, tk = cfg.block_m, cfg.block_n, PLAIN_TK
+    mp = _tiles.num_tiles(x2.shape[0], tm) * tm
+    x2 = jnp.pad(x2, ((0, mp - x2.shape[0]), (0, 0)))
+    codes, absmax = _tiles.storage_operands(q)
+    absmax_t = absmax.T
+    outs = [jnp.zeros((mp, spec.n // parts), dtype) for _ in range(parts)]
+    for mi in range(mp // tm):
+        for n in range(spec.n // tn):
+            accs = [jnp.zeros((tm, width), jnp.float32) for _ in range(parts)]
+            row0 = (n * tn // spec.blocksize) // blocks * blocks
+            for s in range(spec.k // tk):
+                xt = x2[mi * tm:(mi + 1) * tm, s * tk:(s + 1) * tk]
+                c = codes[s * tk:(s + 1) * tk, n * width:(n + 1) * width]
+                am = column_absmax(absmax_t[row0:row0 + blocks, s * tk:(s + 1) * tk], (tk, width), block_cols, blocks)
+                for p, w in enumerate(decode_parts(c, am, spec, dtype)):
+                    accs[p] = accs[p] + jnp.dot(xt, w, preferred_element_type=jnp.float32)
+            for p in range(parts):
+                outs[p] = outs[p].at[mi * tm:(mi + 1) * tm, n * width:(n + 1) * width].set(accs[p].astype(dtype))
+    return _interleave(outs)

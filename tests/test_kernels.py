@@ -2,9 +2,9 @@
 qmatmul(backend="pallas") forward/backward, and CUDA lowering of every shipped kernel configuration.
 
 What is proven how (no GPU here): the Triton-backend kernels (GEMM, decode) run their real
-kernel bodies in Pallas interpret mode; the Mosaic GPU kernel cannot be interpreted (TMA copies
-have no discharge rule), so its schedule is checked through `emulate` (the same decode function,
-tiles and absmax rows in jnp) and its kernel body through lowering to Mosaic GPU for CUDA, which
+kernel bodies in Pallas interpret mode; the Mosaic GPU kernel (both layouts) cannot be interpreted
+(TMA copies have no discharge rule), so its schedule is checked through `emulate` (the same
+decode functions, tiles, even/odd split and absmax rows in jnp) and its kernel body through lowering to Mosaic GPU for CUDA, which
 checks layouts, swizzles and shared memory. None of this measures or runs anything on a GPU.
 """
 
@@ -78,17 +78,21 @@ def test_decode_auto_split(rng):
 @pytest.mark.parametrize("fmt,blocksize,double_quant", [("nf4", 64, False), ("fp4", 32, True), ("int8", 128, False),
                                                         ("nf4", 256, True)])
 @pytest.mark.parametrize("m", [17, 70])
-def test_mosaic_schedule_emulated(rng, fmt, blocksize, double_quant, m):
-    q = _q(rng, (256, 128), fmt, blocksize, double_quant, True, "bfloat16")
+@pytest.mark.parametrize("transposed", [True, False])
+def test_mosaic_schedule_emulated(rng, fmt, blocksize, double_quant, m, transposed):
+    q = _q(rng, (256, 256), fmt, blocksize, double_quant, transposed, "bfloat16")
     x = _x(rng, (m, 256), "bfloat16")
-    y = qmatmul_mosaic.emulate(x, q, config=qmatmul_mosaic.MosaicConfig(block_n=64, block_m=64))
+    config = qmatmul_mosaic.MosaicConfig(block_n=64 if transposed else 128, block_m=64)
+    y = qmatmul_mosaic.emulate(x, q, config=config)
     assert_matmul_close(y, x, q, jnp.bfloat16)
 
 
 def test_mosaic_rejects_what_it_cannot_take(rng):
     x = _x(rng, (32, 128), "bfloat16")
-    with pytest.raises(ValueError, match="must be stored transposed"):
-        qmatmul_mosaic.check(x.shape, _q(rng, (128, 128)), jnp.bfloat16)
+    with pytest.raises(ValueError, match="plain .* needs block_n=128"):
+        qmatmul_mosaic.check(x.shape, _q(rng, (128, 128)), jnp.bfloat16, qmatmul_mosaic.MosaicConfig(block_n=64))
+    with pytest.raises(ValueError, match="K=96 to be a multiple of 64"):
+        qmatmul_mosaic.check((32, 96), _q(rng, (96, 128)), jnp.bfloat16)
     with pytest.raises(ValueError, match="tf32"):
         qmatmul_mosaic.check(x.shape, _q(rng, (128, 128), transposed=True), jnp.float32)
     with pytest.raises(ValueError, match="N=96 must be a multiple of block_n=128"):
@@ -158,18 +162,26 @@ def test_decode_lowers_for_cuda(fmt, blocksize, double_quant, transposed, m):
     assert "__gpu$xla.gpu.triton" in text
 
 
+MOSAIC_CONFIGS = [(256, qmatmul_mosaic.MosaicConfig()),
+                  (2048, qmatmul_mosaic.MosaicConfig(block_n=128, block_m=256)),
+                  (100, qmatmul_mosaic.MosaicConfig(block_n=128, block_m=64)),
+                  (100, qmatmul_mosaic.MosaicConfig(block_n=64, block_m=64))]  # transposed weights only
+
+
 @pytest.mark.parametrize("fmt,blocksize,double_quant", [("nf4", 64, True), ("fp4", 32, False), ("int8", 64, False),
                                                         ("nf4", 4096, False)])
-@pytest.mark.parametrize("m,config", [(256, qmatmul_mosaic.MosaicConfig()),
-                                      (2048, qmatmul_mosaic.MosaicConfig(block_n=128, block_m=256)),
-                                      (100, qmatmul_mosaic.MosaicConfig(block_n=64, block_m=64))])
-def test_mosaic_lowers_for_cuda(fmt, blocksize, double_quant, m, config):
+@pytest.mark.parametrize("m,config", MOSAIC_CONFIGS)
+@pytest.mark.parametrize("transposed", [True, False])
+def test_mosaic_lowers_for_cuda(fmt, blocksize, double_quant, m, config, transposed):
+    if not transposed and config.block_n != 128:
+        pytest.skip("plain weights take block_n=128 only")
     text = _lower(lambda x, q: qmatmul_mosaic.qmatmul_mosaic(x, q, config=config), (m, 4096), (4096, 4096),
-                  fmt, blocksize, double_quant, True)
+                  fmt, blocksize, double_quant, transposed)
     assert "mosaic_gpu" in text
 
 
-def test_mosaic_lowers_float16():
+@pytest.mark.parametrize("transposed", [True, False])
+def test_mosaic_lowers_float16(transposed):
     text = _lower(lambda x, q: qmatmul_mosaic.qmatmul_mosaic(x, q), (256, 4096), (4096, 4096),
-                  "nf4", 64, True, True, jnp.float16)
+                  "nf4", 64, True, transposed, jnp.float16)
     assert "mosaic_gpu" in text
