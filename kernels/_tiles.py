@@ -2,9 +2,10 @@
 
 A kernel works in the weight's *storage* orientation: `(K, N)` for a plain weight, `(N, K)`
 for a transposed (torch `(out, in)`) one. A tile of storage rows [r0, r0 + tr) and columns
-[c0, c0 + tc) is decoded from its packed codes and float32 absmax with shifts, masks and a
-select tree over Python constants (no gathers, no captured arrays), exactly as
-`qjax.dequantize` computes it: `code * absmax` in float32, rounded once to the compute dtype.
+[c0, c0 + tc) is decoded from its packed codes and absmax with shifts and masks, then the
+codebook through a 16-entry table passed as an input (or a select tree over Python constants;
+kernels may not capture arrays), exactly as `qjax.dequantize` computes it: `code * absmax` in
+float32, rounded once to the compute dtype. See `Decode`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 At M <= 16 the weight is read once and each byte feeds at most 32 flops, so the goal is
 memory bandwidth: 4.127 of 16 bits per parameter (NF4 with double quant) instead of bf16's 16.
 The grid is (N / block_n, split_k): every program streams a contiguous K range of one
-block_n-wide column strip (wide tiles, long bursts), decodes it in registers and accumulates
+block_n-wide column strip (wide tiles, long bursts), decodes it in registers (table
+lookups, in-kernel nested absmax: see `_tiles.Decode`) and accumulates
 a (16, block_n) float32 partial; the split_k partials are summed in float32 outside. Splitting
 K keeps enough programs in flight to cover all SMs when N / block_n alone would not
 (4096 / 128 = 32 programs vs 132 SMs on an H100). Rows beyond M are masked (the dot is padded

@@ -2,8 +2,8 @@
 
 Each program owns a (block_m, block_n) output tile and walks K in block_k steps: it loads
 an x tile and the packed codes + absmax of the matching weight tile, decodes the codes in
-registers (nibble shifts, a 15-select tree over the codebook, one multiply by the absmax),
-rounds to the compute dtype and feeds `tl.dot` with float32 accumulation. The weight is read
+registers (nibble shifts, a 16-entry codebook table load, one multiply by the absmax decoded
+in-kernel from its 8-bit code when double-quantized; see `_tiles.Decode`), rounds to the compute dtype and feeds `tl.dot` with float32 accumulation. The weight is read
 in its storage orientation, so a torch-ordered `(N, K)` weight is contracted along its
 stored last axis (a transposed-B dot) without moving bytes. Tails of M, N and K are masked
 loads (zeros) and masked stores.
