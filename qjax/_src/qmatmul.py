@@ -1,18 +1,204 @@
-"""qmatmul: x @ dequantize(W) (interim XLA path; the fused kernels replace it)."""
+"""qmatmul: `x @ dequantize(W)` without keeping a dense W, with a backward pass for `x`.
+
+Two backends share one `jax.custom_vjp`:
+  xla:    pure jnp. The dequantization (nibble shifts, a select tree for the codebook, one
+          multiply by the decoded absmax) is elementwise, so XLA fuses it into a single loop
+          that feeds the dot; a transposed (torch `(out, in)`) weight is contracted along its
+          stored last axis, so no transpose is materialized. The CPU path and the test oracle.
+  pallas: the kernels in `qjax.kernels` (Mosaic GPU on Hopper, Triton elsewhere, a split-K
+          GEMV kernel for M <= 16); `interpret=True` runs them on the CPU.
+
+Gradients: `dx = dy @ W^T` runs through the same machinery: the xla path contracts the
+other stored axis, the Pallas path runs its kernels on the view `q.T` (no bytes move). The QuantizedArray is frozen: its cotangent is zeros (float0 for the integer
+code leaves), so `jax.grad(..., allow_int=True)` over a tree holding it works and returns
+zeros/float0 for it; the usual route is to differentiate only the trainable subtree.
+"""
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from qjax._src.qarray import QuantizedArray
-from qjax._src.quantize import dequantize
+from qjax._src import formats
+from qjax._src.codes import lookup
+from qjax._src.qarray import QuantizedArray, check_leaves
+from qjax._src.quantize import _values_f32, absmax_f32
+
+BACKENDS = ("auto", "xla", "pallas")
+_FLOAT_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
-def qmatmul(x, q: QuantizedArray, *, compute_dtype=None, backend="auto", interpret=False, precision=None):
-    """x (..., K) @ q (K, N) -> (..., N) in compute_dtype (default x.dtype)."""
-    if not isinstance(q, QuantizedArray) or q.ndim != 2 or x.shape[-1] != q.shape[0]:
-        raise ValueError(f"qmatmul needs x (..., K) and a 2-D QuantizedArray (K, N); got x {x.shape}, {q!r}")
-    dtype = jnp.dtype(compute_dtype or x.dtype)
-    w = jax.lax.stop_gradient(dequantize(q, dtype))
-    return jnp.matmul(x.astype(dtype), w, precision=precision)
+# ----------------------------------------------------------------------------- xla path
+
+
+def dequantize_storage(q: QuantizedArray, dtype):
+    """q's values in storage orientation (`q.storage_shape`), rounded to dtype.
+
+    The same numbers as `dequantize(q, dtype)` (transposed back for a transposed q): the
+    float32 product `code * absmax`, one rounding. Statistics are decoded once per block.
+    """
+    return _values_f32(q, absmax_f32(q)).astype(dtype)
+
+
+def _nibble_halves(q: QuantizedArray, dtype):
+    """A structured 4-bit q's values as two (R, C / 2) halves: columns 0, 2, 4, ... and 1, 3, 5, ...
+
+    The high nibble of a byte is the even column, the low nibble the odd one, so the halves
+    come without interleaving registers; a block of `blocksize` columns is `blocksize / 2`
+    columns of each half. Same numbers as `dequantize`: `code * absmax` in float32, one rounding.
+    """
+    code = formats.get_format(q.format).codebook.code
+    absmax = absmax_f32(q)  # (R, C / bs), decoded once
+    rows, half = q.packed.shape
+    per_block = q.blocksize // 2
+
+    def values(nibbles):
+        v = lookup(nibbles, code).reshape(rows, half // per_block, per_block) * absmax[..., None]
+        return v.reshape(rows, half).astype(dtype)
+
+    return values(q.packed >> 4), values(q.packed & 0xF)
+
+
+def _dot(x, w, w_axis: int, precision):
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w_axis,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def xla_qmatmul(x, q: QuantizedArray, dtype, precision=None, adjoint: bool = False):
+    """x (..., K) @ q (K, N) in jnp: fused dequantize, then dots with float32 accumulation.
+
+    adjoint=True computes x (..., N) @ q^T instead (the backward pass), on the same storage.
+    The stored axis is contracted directly (no transpose of a torch-ordered weight). A
+    structured 4-bit weight is used as its even/odd nibble halves: contracting the packed axis
+    splits x into its even/odd columns (two dots, summed); contracting the other axis gives
+    the even/odd output columns, interleaved after the dots.
+    """
+    x = x.astype(dtype)
+    contract_packed = bool(q.transposed) != bool(adjoint)  # storage (R, C): contract C?
+    if formats.get_format(q.format).bits == 4 and q.structured:
+        hi, lo = _nibble_halves(q, dtype)
+        if contract_packed:
+            y = _dot(x[..., 0::2], hi, 1, precision) + _dot(x[..., 1::2], lo, 1, precision)
+        else:
+            y_even, y_odd = _dot(x, hi, 0, precision), _dot(x, lo, 0, precision)
+            y = jnp.stack([y_even, y_odd], axis=-1).reshape(y_even.shape[:-1] + (2 * y_even.shape[-1],))
+    else:
+        w = dequantize_storage(q, dtype)  # (K, N), or (N, K) when transposed
+        y = _dot(x, w, int(contract_packed), precision)
+    return y.astype(dtype)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _forward(x, q, dtype, backend, interpret, precision, adjoint=False):
+    if backend == "pallas":
+        from qjax.kernels import dispatch  # lazy: Pallas imports are slow and not needed on the CPU
+
+        w = dispatch.adjoint_view(q) if adjoint else q
+        if w is not None and dispatch.can_use(x.shape, w, dtype):
+            return dispatch.qmatmul(x, w, dtype, interpret=interpret)
+    # The xla path; also the backward of a weight whose adjoint no kernel takes (per-channel int8).
+    return xla_qmatmul(x, q, dtype, precision, adjoint)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _qmatmul(x, q, dtype, backend, interpret, precision):
+    return _forward(x, q, dtype, backend, interpret, precision)
+
+
+def _qmatmul_fwd(x, q, dtype, backend, interpret, precision):
+    # Residuals: the quantized weight itself (4.1 bits a parameter), never the dense W.
+    return _forward(x, q, dtype, backend, interpret, precision), (q, jnp.zeros((), x.dtype))
+
+
+def _zero_cotangent(leaf):
+    if leaf is None:
+        return None
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        return jnp.zeros_like(leaf)
+    return np.zeros(np.shape(leaf), jax.dtypes.float0)
+
+
+def _qmatmul_bwd(dtype, backend, interpret, precision, res, dy):
+    q, x_proto = res
+    dx = _forward(dy.astype(dtype), q, dtype, backend, interpret, precision, adjoint=True)
+    return dx.astype(x_proto.dtype), jax.tree_util.tree_map(_zero_cotangent, q)
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+def _resolve_backend(backend: str, x, q: QuantizedArray, dtype, interpret: bool) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}. It needs to be one of {list(BACKENDS)}.")
+    if backend == "xla":
+        return "xla"
+    if backend == "auto":
+        if jax.default_backend() != "gpu":
+            return "xla"
+        from qjax.kernels import dispatch
+
+        return "pallas" if dispatch.can_use(x.shape, q, dtype) else "xla"
+    from qjax.kernels import dispatch
+
+    dispatch.check(x.shape, q, dtype)  # raises naming the shape/layout a kernel cannot take
+    if not interpret and jax.default_backend() != "gpu":
+        raise ValueError(f"backend='pallas' needs a CUDA GPU (the default backend is "
+                         f"{jax.default_backend()!r}); pass interpret=True to emulate the kernels, "
+                         "or use backend='xla'.")
+    return "pallas"
+
+
+def _describe(x) -> str:
+    return f"shape={tuple(np.shape(x))} dtype={np.dtype(x.dtype).name}"
+
+
+def _check_args(x, q, compute_dtype):
+    if not isinstance(q, QuantizedArray):
+        raise TypeError(f"qmatmul needs a QuantizedArray for q, got {type(q).__name__}")
+    if not hasattr(x, "dtype") or np.dtype(x.dtype) not in _FLOAT_DTYPES:
+        desc = _describe(x) if hasattr(x, "dtype") else f"type={type(x).__name__}"
+        raise TypeError(f"qmatmul: x must be a float32, bfloat16 or float16 array, got {desc}")
+    if q.ndim != 2:
+        raise ValueError(f"qmatmul needs a 2-D QuantizedArray of logical shape (K, N), got {q!r}")
+    if np.ndim(x) < 1 or np.shape(x)[-1] != q.shape[0]:
+        raise ValueError(f"qmatmul: x {_describe(x)} must have shape (..., K) with K={q.shape[0]} "
+                         f"to multiply {q!r} (logical shape (K, N)={q.shape})")
+    if math.prod(np.shape(x)) == 0 or q.size == 0:
+        raise ValueError(f"qmatmul: empty operand, x {_describe(x)}, q {q!r}")
+    dtype = np.dtype(compute_dtype if compute_dtype is not None else x.dtype)
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"qmatmul: compute_dtype must be float32, bfloat16 or float16, got {dtype.name}")
+    formats.get_format(q.format)
+    check_leaves(q, "qmatmul")
+    return dtype
+
+
+def qmatmul(x, q: QuantizedArray, *, compute_dtype=None, backend: str = "auto", interpret: bool = False,
+            precision=None) -> jax.Array:
+    """`x @ dequantize(q)` with the dequantization fused into the matmul.
+
+    x: float32/bfloat16/float16 array of shape (..., K); any leading batch dims, any M (incl. 1).
+    q: QuantizedArray of logical shape (K, N): nf4/fp4 (optionally double-quantized) or int8
+      (blockwise or per-channel), in any layout (structured or flat, `transposed` for weights
+      imported from torch in `(out, in)` = `(N, K)` order; their codes are used as stored).
+    compute_dtype: dtype of the weight fed to the matmul and of the result (default x.dtype);
+      accumulation is float32.
+    backend: "xla" (jnp), "pallas" (the kernels in `qjax.kernels`), or "auto": Pallas on a GPU
+      when a kernel takes the shape and layout, XLA otherwise.
+    interpret: run the Pallas kernels in interpret mode (CPU emulation, for tests).
+    precision: `jax.lax.Precision` of the XLA dot (ignored by the kernels).
+    Returns an array of shape (..., N) in compute_dtype. Differentiable w.r.t. x (the weight is
+    frozen: its cotangent is zeros, float0 for integer leaves).
+    Raises TypeError for a non-float x or a non-QuantizedArray q; ValueError for mismatched
+    shapes, inconsistent leaves, an unknown backend, or (backend="pallas") a layout no kernel takes.
+    """
+    dtype = _check_args(x, q, compute_dtype)
+    x = jnp.asarray(x)
+    resolved = _resolve_backend(backend, x, q, dtype, interpret)
+    return _qmatmul(x, q, dtype, resolved, bool(interpret), precision)

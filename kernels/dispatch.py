@@ -1,0 +1,78 @@
+"""Which Pallas kernel runs a qmatmul, and the checks `qjax.qmatmul(backend=...)` relies on.
+
+  M <= 16                                  -> qmatmul_decode (split-K GEMV, bandwidth-bound)
+  M > 16, Hopper (sm_90+), bf16/f16, N % 128 == 0 (plain weights: K % 64 == 0)
+                                           -> qmatmul_mosaic (TMA + wgmma)
+  otherwise                                -> qmatmul_triton (portable GEMM; Ampere's path)
+
+In interpret mode (CPU) the Mosaic GPU kernel cannot run, so M > 16 takes the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from qjax._src.qarray import QuantizedArray
+from qjax.kernels import _tiles, qmatmul_decode, qmatmul_mosaic, qmatmul_triton
+
+
+def _rows(x_shape) -> int:
+    return math.prod(tuple(x_shape)[:-1])
+
+
+def _is_hopper() -> bool:
+    try:
+        device = jax.devices()[0]
+        return device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 9.0
+    except (RuntimeError, ValueError):
+        return False
+
+
+def check(x_shape, q: QuantizedArray, dtype) -> None:
+    """Raises ValueError naming the shape, dtype or layout if no Pallas kernel takes the operands."""
+    _tiles.weight_spec(x_shape, q, dtype, "qmatmul(backend='pallas')")
+
+
+def can_use(x_shape, q: QuantizedArray, dtype) -> bool:
+    """True when a Pallas kernel takes the operands (a cheap check that never raises)."""
+    try:
+        check(x_shape, q, dtype)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def adjoint_view(q: QuantizedArray) -> QuantizedArray | None:
+    """The weight of the backward product dy @ W^T as a QuantizedArray view, or None if there is none.
+
+    Blockwise statistics do not depend on which axis is called K, so `q.T` (a view, no bytes moved)
+    is exact. Per-channel int8 keeps one absmax per logical column, which has no transposed view.
+    """
+    return None if q.blocksize is None else q.T
+
+
+def select(x_shape, q: QuantizedArray, dtype, interpret: bool) -> str:
+    """The kernel name for these operands: "decode", "mosaic" or "triton"."""
+    if _rows(x_shape) <= qmatmul_decode.MAX_M:
+        return "decode"
+    if not interpret and _is_hopper():
+        try:
+            qmatmul_mosaic.check(x_shape, q, dtype)
+            return "mosaic"
+        except ValueError:
+            pass
+    return "triton"
+
+
+def qmatmul(x, q: QuantizedArray, dtype, *, interpret: bool = False):
+    """x (..., K) @ q (K, N) -> (..., N) in dtype through the kernel `select` picks."""
+    dtype = np.dtype(dtype)
+    kernel = select(x.shape, q, dtype, interpret)
+    if kernel == "decode":
+        return qmatmul_decode.qmatmul_decode(x, q, compute_dtype=dtype, interpret=interpret)
+    if kernel == "mosaic":
+        return qmatmul_mosaic.qmatmul_mosaic(x, q, compute_dtype=dtype)
+    return qmatmul_triton.qmatmul_triton(x, q, compute_dtype=dtype, interpret=interpret)
