@@ -269,8 +269,6 @@ def test_rank3_kernels_need_inputs(rng):
         ql.convert(model, v, qjax.LoraConfig(r=2, target_modules=("up",)), qjax.QuantConfig(), jax.random.key(0))
 
 
-@pytest.mark.skip(reason="needs qmatmul(backend='pallas'), which lands with the fused-kernel branch; "
-                         "remove this mark after merging it")
 def test_xla_and_pallas_interpret_trajectories_match(rng):
     model = MLP(hidden=64)
     x, v = _setup(model, rng, batch=(8,))

@@ -84,6 +84,9 @@ class QuantizedArray:
         """The transpose of the last two axes; a view that moves no bytes."""
         if self.ndim < 2:
             raise ValueError(f"QuantizedArray.T needs rank >= 2, got shape={self.shape}")
+        if self.blocksize is None:
+            raise ValueError(f"{self!r}: per-channel int8 scales belong to the output (last) axis, so its "
+                             "transpose is not a view; dequantize it or quantize the transpose instead")
         return dataclasses.replace(self, shape=_swap_last2(self.shape), transposed=not self.transposed)
 
     @property
