@@ -83,15 +83,16 @@ class Attention(nn.Module):
     def __call__(self, x):
         b, t, _ = x.shape
         dh = D // HEADS
-        q = nn.Dense(HEADS * dh, use_bias=False, name="q_proj")(x).reshape(b, t, HEADS, dh)
-        k = nn.Dense(KV_HEADS * dh, use_bias=False, name="k_proj")(x).reshape(b, t, KV_HEADS, dh)
+        # MaxText / Gemma style: DenseGeneral kernels (d_model, heads, head_dim) and (heads, head_dim, d_model)
+        q = nn.DenseGeneral((HEADS, dh), use_bias=False, name="q_proj")(x)
+        k = nn.DenseGeneral((KV_HEADS, dh), use_bias=False, name="k_proj")(x)
         v = nn.Dense(KV_HEADS * dh, use_bias=False, name="v_proj")(x).reshape(b, t, KV_HEADS, dh)
         q, k = _rope(q), _rope(k)
         k, v = jnp.repeat(k, HEADS // KV_HEADS, axis=2), jnp.repeat(v, HEADS // KV_HEADS, axis=2)
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
         s = jnp.where(jnp.tril(jnp.ones((t, t), bool))[None, None], s, -jnp.inf)
-        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v).reshape(b, t, HEADS * dh)
-        return nn.Dense(D, use_bias=False, name="o_proj")(o)
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+        return nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, name="o_proj")(o)
 
 
 class MLP(nn.Module):
@@ -250,6 +251,42 @@ def test_linen_full_variables_through_orbax(llama, tmp_path):
     assert_identical(qjax.checkpoint.restore(tmp_path / "plain"), qv)
 
 
+class ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return h + nn.Dense(16, name="down")(nn.relu(nn.DenseGeneral((2, 8), name="up")(h).reshape(h.shape))), None
+
+
+class ScanLM(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h, _ = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(
+            name="layers")(x, None)
+        return h
+
+
+def test_linen_scanned_adapters_roundtrip(rng, tmp_path):
+    x = jnp.asarray(rng.standard_normal((4, 16)), jnp.float32)
+    model = ScanLM()
+    variables = model.init(jax.random.key(0), x)
+    qm, qv = ql.convert(model, variables, CFG, F32, jax.random.key(1), inputs=(x,))
+    assert qv["params"]["layers"]["up"]["lora_b"].shape == (3, 4, 2, 8)
+    tx = adapters_only(optax.adam(1e-2))
+    params, opt_state = qv["params"], tx.init(qv["params"])
+    for _ in range(3):
+        g = jax.grad(lambda p: jnp.mean((qm.apply({"params": p}, x) - 1.0) ** 2), allow_int=True)(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    trained = {"params": params}
+    qjax.checkpoint.save_adapters(tmp_path / "a", trained, CFG)
+    _, fresh = ql.convert(model, variables, CFG, F32, jax.random.key(2), inputs=(x,))
+    loaded = qjax.checkpoint.load_adapters(tmp_path / "a", fresh, CFG)
+    assert_identical(loaded, trained)
+    np.testing.assert_array_equal(np.asarray(qm.apply(loaded, x)), np.asarray(qm.apply(trained, x)))
+    with pytest.raises(ValueError, match="stacked adapters.*unstack"):
+        qjax.interop.save_peft_adapter(tmp_path / "p", trained, CFG)
+
+
 # ----------------------------------------------------------------------------- PEFT / transformers
 
 
@@ -262,6 +299,18 @@ def _hf_llama(seed):
                                    mlp_bias=False)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg).eval(), cfg
+
+
+def _from_hf(hf):
+    """The Flax Llama's variables from the torch model (q/k/o kernels reshaped to their DenseGeneral form)."""
+    variables = qjax.interop.from_torch_state_dict({k: v.detach().numpy() for k, v in hf.state_dict().items()})
+    dh = D // HEADS
+    for i in range(LAYERS):
+        attn = variables["params"][f"layers_{i}"]["self_attn"]
+        attn["q_proj"]["kernel"] = attn["q_proj"]["kernel"].reshape(D, HEADS, dh)
+        attn["k_proj"]["kernel"] = attn["k_proj"]["kernel"].reshape(D, KV_HEADS, dh)
+        attn["o_proj"]["kernel"] = attn["o_proj"]["kernel"].reshape(HEADS, dh, D)
+    return variables
 
 
 def _load_into(hf, state_dict):
@@ -280,7 +329,7 @@ def _logits(hf, tokens):
 
 def test_flax_llama_matches_transformers(rng):
     hf, _ = _hf_llama(int(rng.integers(2**31)))
-    variables = qjax.interop.from_torch_state_dict({k: v.detach().numpy() for k, v in hf.state_dict().items()})
+    variables = _from_hf(hf)
     tokens = _tokens(rng)
     np.testing.assert_allclose(np.asarray(Llama().apply(variables, tokens)), _logits(hf, tokens), rtol=1e-4, atol=1e-4)
 
@@ -294,7 +343,7 @@ def _without_adapters(v):
 def test_peft_export_of_converted_llama(rng, tmp_path, use_rslora):
     peft = pytest.importorskip("peft")
     hf, hf_cfg = _hf_llama(int(rng.integers(2**31)))
-    variables = qjax.interop.from_torch_state_dict({k: v.detach().numpy() for k, v in hf.state_dict().items()})
+    variables = _from_hf(hf)
     tokens = _tokens(rng)
     lora = qjax.LoraConfig(r=4, alpha=8, use_rslora=use_rslora)
     qm, qv = _convert(variables, tokens, lora=lora)
@@ -306,6 +355,9 @@ def test_peft_export_of_converted_llama(rng, tmp_path, use_rslora):
     assert losses[-1] < losses[0]
     names = qjax.interop.save_peft_adapter(tmp_path / "peft", qv, lora, task_type="CAUSAL_LM")
     assert names["params/layers_1/mlp/down_proj"] == "model.layers.1.mlp.down_proj"
+    q = qv["params"]["layers_0"]["self_attn"]["q_proj"]
+    assert q["lora_a"].shape == (D, 4) and q["lora_b"].shape == (4, HEADS, D // HEADS)
+    assert q["kernel"].shape == (D, D) and qjax.is_quantized(q["kernel"])
 
     # the torch base model holds the quantized base (dequantized); PEFT adds the adapters
     base_sd = qjax.interop.merged_state_dict(_without_adapters(qv), lora, dtype=jnp.float32)
@@ -336,7 +388,8 @@ def test_peft_export_of_converted_llama(rng, tmp_path, use_rslora):
         node = mv["params"]
         for k in s.path.split("/"):
             node = node[k]
-        assert np.asarray(node["kernel"]).T.tobytes() == sd[name].tobytes(), name
+        kernel = np.asarray(node["kernel"]).reshape(math.prod(s.in_shape), math.prod(s.out_shape))
+        assert kernel.T.tobytes() == sd[name].tobytes(), name
 
 
 # ----------------------------------------------------------------------------- NNX
