@@ -215,3 +215,36 @@ def test_nnx_einsum(rng):
     qn.merge(model)
     assert type(model.q_proj) is nnx.Einsum and model.q_proj.kernel.get_value().shape == (64, 2, 32)
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(y), rtol=1e-4, atol=1e-4)
+
+
+def test_einsum_adapters_save_load_and_peft(rng, tmp_path):
+    x = _x(rng)
+    model = Attn()
+    v = model.init(jax.random.key(0), x)
+    qm, qv = ql.convert(model, v, CFG, F32, jax.random.key(1), inputs=(x,))
+    qv = jax.tree_util.tree_map_with_path(  # non-zero B
+        lambda p, a: a + 0.01 if "lora_b" in jax.tree_util.keystr(p) else a, qv, is_leaf=qjax.is_quantized)
+    qjax.checkpoint.save_adapters(tmp_path / "a", qv, CFG)
+    _, fresh = ql.convert(model, v, CFG, F32, jax.random.key(2), inputs=(x,))
+    loaded = qjax.checkpoint.load_adapters(tmp_path / "a", fresh, CFG)
+    np.testing.assert_array_equal(np.asarray(qm.apply(loaded, x)), np.asarray(qm.apply(qv, x)))
+    # PEFT files hold the flattened Linear adapters and come back in the einsum's shapes
+    qjax.interop.save_peft_adapter(tmp_path / "p", qv, CFG, name_map=qjax.interop.IDENTITY)
+    t = qjax.interop.load_safetensors(tmp_path / "p" / "adapter_model.safetensors")
+    assert t["base_model.model.params.o_proj.lora_A.weight"].shape == (4, 64)
+    assert t["base_model.model.params.q_proj.lora_B.weight"].shape == (64, 4)
+    back = qjax.interop.load_peft_adapter(tmp_path / "p", fresh, CFG, name_map=qjax.interop.IDENTITY)
+    np.testing.assert_array_equal(np.asarray(qm.apply(back, x)), np.asarray(qm.apply(qv, x)))
+
+
+def test_einsum_without_inputs_is_a_clear_error(rng):
+    class Proj(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Einsum((32, 64), "btd,hd->bth", name="proj")(x)
+
+    x = _x(rng)
+    v = Proj().init(jax.random.key(0), x)
+    qm, qv = ql.convert(Proj(), v, CFG, F32, jax.random.key(1))  # the rank-2 kernel looks like a Dense
+    with pytest.raises(TypeError, match="'proj'.*nn.Einsum; pass inputs="):
+        qm.apply(qv, x)
