@@ -12,21 +12,18 @@ variables carry the stacked leading axes; each layer's slice is quantized on its
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax.core import meta, unfreeze
+from flax.core import meta
 
 from qjax._src import lora as L
 from qjax._src.lora_config import LoraConfig
-from qjax._src.policy import QuantConfig, path_str
+from qjax._src.policy import QuantConfig
 from qjax._src.qarray import is_quantized
 
-_F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,10 +49,6 @@ def _check_not_converted(model) -> None:
                          "already converted (qjax.nnx.merge gives back plain layers)")
 
 
-def _raise(e):
-    raise e
-
-
 def _in_out(m) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if isinstance(m, nnx.Einsum):
         plan = L.EinsumPlan(m.einsum_str)
@@ -89,8 +85,9 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
     for parts, m in _find(model, _LINEAR_TYPES):
         if isinstance(m, nnx.Einsum):
             try:
-                L.EinsumPlan(m.einsum_str, _path(parts)) if m.einsum_str is not None else \
-                    _raise(NotImplementedError(f"{_path(parts)}: nnx.Einsum without an einsum_str at construction"))
+                if m.einsum_str is None:
+                    raise NotImplementedError(f"{_path(parts)}: nnx.Einsum without an einsum_str at construction")
+                L.EinsumPlan(m.einsum_str, _path(parts))
             except (ValueError, NotImplementedError) as e:  # e.g. a batched (per-expert) einsum: left alone
                 warnings.warn(f"not converted: {e}", stacklevel=2)
                 continue

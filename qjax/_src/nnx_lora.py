@@ -8,11 +8,10 @@ Param filter ever selects it. Biases stay `nnx.Param`.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from qjax._src import lora as L
@@ -25,10 +24,6 @@ LoRAParam = nnx.LoRAParam
 
 class BaseParam(nnx.Variable):
     """The frozen base kernel of a LoRA layer: a QuantizedArray (or a dense array in 16-bit LoRA)."""
-
-
-def _tuple(x) -> tuple:
-    return tuple(x) if isinstance(x, Sequence) else (x,)
 
 
 class _QLoRABase(nnx.Module):
