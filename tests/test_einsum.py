@@ -248,3 +248,35 @@ def test_einsum_without_inputs_is_a_clear_error(rng):
     qm, qv = ql.convert(Proj(), v, CFG, F32, jax.random.key(1))  # the rank-2 kernel looks like a Dense
     with pytest.raises(TypeError, match="'proj'.*nn.Einsum; pass inputs="):
         qm.apply(qv, x)
+
+
+class NBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Einsum("bd,dnh->bnh", (16, 2, 8), (2, 8), rngs=rngs)
+        self.down = nnx.Einsum("bnh,nhd->bd", (2, 8, 16), rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(jnp.tanh(self.up(x)))
+
+
+def test_nnx_vmapped_einsum(rng):
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return NBlock(nnx.Rngs(key))
+
+    def run(model, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def body(block, h):
+            return block(h)
+        return body(model, x)
+
+    keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), 3)
+    x = jnp.asarray(rng.standard_normal((4, 16)), jnp.float32)
+    model = qn.convert(make(keys), CFG, F32, nnx.Rngs(1))
+    assert model.up.lora_b.get_value().shape == (3, 4, 2, 8) and model.up.bias.get_value().shape == (3, 2, 8)
+    base = qn.convert(make(keys), None, F32)
+    np.testing.assert_array_equal(np.asarray(run(model, x)), np.asarray(run(base, x)))
+    y = run(model, x)
+    qn.merge(model)
+    assert model.up.kernel.get_value().shape == (3, 16, 2, 8)
+    np.testing.assert_allclose(np.asarray(run(model, x)), np.asarray(y), rtol=1e-5, atol=1e-5)
