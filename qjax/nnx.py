@@ -1,4 +1,4 @@
-"""QLoRA for Flax NNX: QLoRALinear, QLoRALinearGeneral, convert, merge, and the variable types.
+"""QLoRA for Flax NNX: QLoRALinear, QLoRALinearGeneral, QLoRAEinsum, convert, merge, and the variable types.
 
 `LoRAParam` is Flax's own `nnx.LoRAParam` (the one adapter type): train the adapters alone with
 `nnx.Optimizer(model, tx, wrt=qjax.nnx.LoRAParam)` and `nnx.grad(..., argnums=nnx.DiffState(0,
@@ -6,7 +6,7 @@ qjax.nnx.LoRAParam))`. `BaseParam` (an `nnx.Variable`, not an `nnx.Param`) holds
 """
 
 from qjax._src.nnx_convert import convert, merge, prepare_for_kbit_training
-from qjax._src.nnx_lora import BaseParam, LoRAParam, QLoRALinear, QLoRALinearGeneral
+from qjax._src.nnx_lora import BaseParam, LoRAParam, QLoRAEinsum, QLoRALinear, QLoRALinearGeneral
 
-__all__ = ["BaseParam", "LoRAParam", "QLoRALinear", "QLoRALinearGeneral", "convert", "merge",
+__all__ = ["BaseParam", "LoRAParam", "QLoRAEinsum", "QLoRALinear", "QLoRALinearGeneral", "convert", "merge",
            "prepare_for_kbit_training"]

@@ -1,7 +1,7 @@
 """Finding LoRA adapters in a variables tree or an NNX model, and putting them back.
 
-Adapters are the leaves named `lora_a` (in, r) and `lora_b` (r, out); their module is
-the path above them. Works over plain nested dicts (Linen variables), `nnx.State`, and
+Adapters are the leaves named `lora_a` (*in, r) and `lora_b` (r, *out) (with the leading
+axes of stacked layers first); their module is the path above them. Works over plain nested dicts (Linen variables), `nnx.State`, and
 NNX modules (read with `nnx.state`, written with `nnx.update`), without importing the
 Flax modules that create them.
 """
@@ -86,10 +86,25 @@ def modules(flat: dict[Path, Any]) -> dict[Path, dict[str, Any]]:
         if set(pair) != set(ADAPTER_NAMES):
             raise ValueError(f"module {name!r} has {sorted(pair)}; an adapter needs both lora_a and lora_b")
         a, b = np.shape(pair["lora_a"]), np.shape(pair["lora_b"])
-        if len(a) < 2 or len(b) < 2 or a[-1] != b[0]:
+        if stacked_axes(a, b) is None:
             raise ValueError(f"module {name!r}: lora_a shape={a} and lora_b shape={b} do not chain "
-                             "as (in, r) @ (r, out)")
+                             "as (*lead, *in, r) @ (*lead, r, *out)")
     return groups
+
+
+def stacked_axes(a_shape, b_shape) -> int | None:
+    """How many leading (stacked-layer) axes lora_a (*lead, *in, r) and lora_b (*lead, r, *out) share.
+
+    0 for a plain layer (b_shape[0] is the rank), k when the first k axes are stacked layers
+    (scanned / vmapped modules); None when the shapes do not chain.
+    """
+    a, b = tuple(a_shape), tuple(b_shape)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    for k in range(min(len(a), len(b)) - 1):
+        if a[:k] == b[:k] and b[k] == a[-1]:
+            return k
+    return None
 
 
 def nest(flat: dict[Path, Any]) -> dict:

@@ -14,7 +14,7 @@ from flax import linen as nn
 from flax.core import unfreeze
 
 from qjax._src import lora as L
-from qjax._src.linen_lora import LayerSpec, _call, _tuple
+from qjax._src.linen_lora import LayerSpec, _call, _einsum_call, _tuple
 from qjax._src.lora_config import LoraConfig
 from qjax._src.policy import QuantConfig, path_str
 from qjax._src.qarray import is_quantized
@@ -62,7 +62,16 @@ def _make_interceptor(spec: ConversionSpec, root: tuple[str, ...]):
         layer = by_path.get(rel) if rel is not None else None
         if layer is None:
             return next_fun(*args, **kwargs)
-        if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+        lora = spec.lora_config if layer.lora else None
+        quant = spec.quant_config if layer.quantized else None
+        if isinstance(module, nn.Einsum):
+            if layer.einsum is None:
+                raise TypeError(f"{rel!r} was converted as a Dense layer, but the module called there is an "
+                                "nn.Einsum; pass inputs= to qjax.linen.convert so it can trace the layer")
+            eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+            return _einsum_call(module, args[0] if args else kwargs["inputs"], eq, lora=lora, quant=quant,
+                                backend=spec.backend)
+        if not isinstance(module, (nn.Dense, nn.DenseGeneral)) or layer.einsum is not None:
             raise TypeError(f"{rel!r} was converted as a linear layer, but the module called there is a "
                             f"{type(module).__name__}; exclude it (LoraConfig.exclude / QuantConfig.skip)")
         if isinstance(module, nn.DenseGeneral) and module.batch_dims:
@@ -70,8 +79,7 @@ def _make_interceptor(spec: ConversionSpec, root: tuple[str, ...]):
         inputs = args[0] if args else kwargs["inputs"]
         general = isinstance(module, nn.DenseGeneral)
         return _call(module, inputs, axis=module.axis if general else -1, features=module.features,
-                     kernel_init=module.kernel_init, lora=spec.lora_config if layer.lora else None,
-                     quant=spec.quant_config if layer.quantized else None, backend=spec.backend,
+                     kernel_init=module.kernel_init, lora=lora, quant=quant, backend=spec.backend,
                      flat_kernel_init=general)
 
     return interceptor
@@ -171,13 +179,30 @@ def _check_not_converted(model, params):
 
 
 def _trace_layers(model, variables, inputs, method, params) -> list[LayerSpec]:
-    """Every Dense/DenseGeneral call of one abstract forward pass, with its exact shapes."""
+    """Every Dense/DenseGeneral/Einsum call of one abstract forward pass, with its exact shapes."""
     found: dict[str, LayerSpec] = {}
     problems: list[str] = []
+    skipped: list[str] = []
 
     def record(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.DenseGeneral)):
+        if context.method_name == "__call__" and isinstance(module, nn.Einsum):
+            rel = _rel_path(module, ())
+            eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+            eq = eq if eq is not None else module.einsum_str
+            try:
+                plan = L.EinsumPlan(eq, f"params/{rel}")
+            except (ValueError, NotImplementedError) as e:  # e.g. a batched (per-expert) einsum: left alone
+                if rel not in skipped:
+                    skipped.append(rel)
+                    warnings.warn(f"not converted: {e}", stacklevel=5)
+                return next_fun(*args, **kwargs)
+            shape = tuple(module.shape)
+            stored = _get(params, rel.split("/") + ["kernel"]) if rel else params["kernel"]
+            lead = tuple(stored.shape[:stored.ndim - len(shape)])
+            found.setdefault(rel, LayerSpec(rel, plan.in_shape(shape), plan.out_shape(shape), lead,
+                                            einsum=plan.einsum_str))
+        elif context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.DenseGeneral)):
             rel = _rel_path(module, ())
             x = args[0] if args else kwargs["inputs"]
             if isinstance(module, nn.DenseGeneral):
@@ -223,10 +248,29 @@ def _params_layers(params, explicit: bool) -> list[LayerSpec]:
 # ----------------------------------------------------------------------------- convert / merge
 
 
+def _quantize(spec: LayerSpec, kernel, quant_config):
+    if spec.einsum is not None:
+        return L.quantize_einsum_kernel(L.EinsumPlan(spec.einsum), kernel, quant_config, lead=len(spec.lead))
+    return L.quantize_kernel(kernel, len(spec.in_shape), quant_config, lead=len(spec.lead))
+
+
+def _merged(layer: LayerSpec, kernel, a, b, scaling: float, dtype):
+    """The merged dense kernel of one converted layer in the original module's layout (*lead, ...)."""
+    if layer.einsum is not None:
+        plan = L.EinsumPlan(layer.einsum)
+        fn = lambda k, a, b: L.einsum_merged_kernel(  # noqa: E731
+            plan, k, a, b, kernel_shape=plan.kernel_shape(layer.in_shape, layer.out_shape), scaling=scaling,
+            dtype=dtype)
+    else:
+        fn = lambda k, a, b: L.merged_kernel(k, a, b, in_shape=layer.in_shape, out_shape=layer.out_shape,  # noqa: E731
+                                             scaling=scaling, dtype=dtype)
+    return L.vmap_lead(fn, len(layer.lead))(kernel, a, b)
+
+
 def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraConfig(),
             quant_config: QuantConfig | None = QuantConfig(), rng=None, *, inputs=None, method=None,
             backend: str = "auto"):
-    """Turns a Linen model built from nn.Dense / nn.DenseGeneral layers into its QLoRA version.
+    """Turns a Linen model built from nn.Dense / nn.DenseGeneral / nn.Einsum layers into its QLoRA version.
 
     model: the original (unbound) module. variables: its variables ({"params": ...}).
     lora_config: which layers get adapters (None: none, quantization only).
@@ -241,7 +285,9 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
     Returns (qlora_model, qlora_variables): qlora_model is an instance of a subclass of the model's
     class (same fields and methods); qlora_variables has, at every converted layer, `kernel` as a
     2-D QuantizedArray (prod(in), prod(out)) (with the stacked axes of scanned layers leading) and
-    float32 `lora_a` (*in, r) / `lora_b` (r, *out).
+    float32 `lora_a` (*in, r) / `lora_b` (r, *out). An nn.Einsum's in axes are the kernel axes it
+    contracts (kernel order), its out axes those it produces (output order); it is found only by
+    tracing (inputs=).
     Raises ValueError (naming paths) for an already converted model or variables, a model with no
     Dense layers, a target pattern that matches nothing, r larger than a layer's dimensions.
     """
@@ -256,7 +302,7 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
     layers = (_trace_layers(model, variables, inputs, method, params) if inputs is not None
               else _params_layers(params, explicit))
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Dense / nn.DenseGeneral layer with a kernel "
+        raise ValueError(f"{type(model).__name__} has no nn.Dense / nn.DenseGeneral / nn.Einsum layer with a kernel "
                          "in its params; there is nothing to convert")
     paths = [layer.path for layer in layers]
     lora_paths = set(L.select_layers(paths, lora_config)) if lora_config is not None else set()
@@ -279,7 +325,7 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
         kernel = _get(params, where + ["kernel"])
         if spec.quantized:
             try:
-                q = L.quantize_kernel(kernel, len(spec.in_shape), quant_config, lead=len(spec.lead))
+                q = _quantize(spec, kernel, quant_config)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"params/{spec.path}/kernel: {e}") from None
             _set(params, where + ["kernel"], q)
@@ -310,10 +356,7 @@ def merge(qlora_model: nn.Module, qlora_variables, dtype=None, *, requantize: Qu
         node = _get(params, where)
         kernel = node["kernel"]
         a, b = node.pop("lora_a", None), node.pop("lora_b", None)
-        out_dtype = dtype or L.kernel_dtype(kernel)
-        fn = lambda k, a, b: L.merged_kernel(k, a, b, in_shape=layer.in_shape, out_shape=layer.out_shape,
-                                             scaling=scaling, dtype=out_dtype)
-        node["kernel"] = L.vmap_lead(fn, len(layer.lead))(kernel, a, b)
+        node["kernel"] = _merged(layer, kernel, a, b, scaling, dtype or L.kernel_dtype(kernel))
     base_cls = type(qlora_model)._qjax_base_class
     model = _instantiate(base_cls, qlora_model)
     if requantize is None:
@@ -321,7 +364,6 @@ def merge(qlora_model: nn.Module, qlora_variables, dtype=None, *, requantize: Qu
     layers = tuple(dataclasses.replace(s, lora=False, quantized=True) for s in spec.layers)
     for layer in layers:
         where = layer.path.split("/") + ["kernel"]
-        _set(params, where, L.quantize_kernel(_get(params, where), len(layer.in_shape), requantize,
-                                              lead=len(layer.lead)))
+        _set(params, where, _quantize(layer, _get(params, where), requantize))
     conv = ConversionSpec(layers, None, requantize, spec.backend)
     return _instantiate(_converted_class(base_cls, conv), model), variables

@@ -12,22 +12,18 @@ variables carry the stacked leading axes; each layer's slice is quantized on its
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax.core import meta, unfreeze
+from flax.core import meta
 
 from qjax._src import lora as L
 from qjax._src.lora_config import LoraConfig
-from qjax._src.policy import QuantConfig, path_str
+from qjax._src.policy import QuantConfig
 from qjax._src.qarray import is_quantized
 
-_DENSE_TYPES = (nn.Dense, nn.DenseGeneral)
-_F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +36,7 @@ class LayerSpec:
     lead: tuple[int, ...] = ()
     lora: bool = True
     quantized: bool = True
+    einsum: str | None = None  # the equation of an nn.Einsum layer (None: Dense / DenseGeneral)
 
 
 # ----------------------------------------------------------------------------- the layer math
@@ -95,6 +92,46 @@ def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraC
                          out_dtype=out_dtype, precision=module.precision,
                          dropout_rate=lora.dropout if lora is not None else 0.0, dropout_key=key,
                          backend=backend)
+
+
+def _einsum_call(module: nn.Module, inputs, einsum_str, *, lora: LoraConfig | None, quant: QuantConfig | None,
+                 backend: str = "auto", deterministic: bool | None = None):
+    """The QLoRA layer on a bound Einsum-like module (`shape`, `einsum_str`, `kernel_init`, `bias_init`)."""
+    where = "/".join(module.scope.path) or "<root>"
+    if (einsum_str is None) == (module.einsum_str is None):
+        raise ValueError(f"{where}: give einsum_str either as a field or as a call argument, exactly once")
+    plan = L.EinsumPlan(einsum_str if einsum_str is not None else module.einsum_str, where)
+    shape = tuple(module.shape)
+    if len(shape) != len(plan.rhs):
+        raise ValueError(f"{where}: kernel shape {shape} does not fit einsum_str {plan.einsum_str!r}")
+    in_shape, out_shape = plan.in_shape(shape), plan.out_shape(shape)
+
+    def kernel_init_fn(rng):
+        w = meta.unbox(module.kernel_init(rng, shape, module.param_dtype))
+        return L.quantize_einsum_kernel(plan, w, quant) if quant is not None else w
+
+    kernel = module.param("kernel", kernel_init_fn)
+    bias = module.param("bias", lambda rng: meta.unbox(module.bias_init(rng, out_shape, module.param_dtype))) \
+        if module.use_bias else None
+    lora_a = lora_b = None
+    if lora is not None:
+        L.check_rank(lora.r, in_shape, out_shape, where)
+        lora_a = module.param("lora_a", lambda rng: L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init)[0])
+        lora_b = module.param("lora_b", lambda rng: L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init)[1])
+    expected = (int(np.prod(in_shape)), int(np.prod(out_shape))) if is_quantized(kernel) else shape
+    if tuple(kernel.shape) != expected:
+        raise ValueError(f"{where}: kernel has shape {tuple(kernel.shape)}, expected {expected} for "
+                         f"einsum_str {plan.einsum_str!r} and shape={shape}")
+    out_dtype = module.dtype or jnp.promote_types(inputs.dtype, L.kernel_dtype(kernel))
+    compute_dtype = (quant.compute_dtype if quant is not None and quant.compute_dtype is not None
+                     else out_dtype) if is_quantized(kernel) else out_dtype
+    key = None
+    if lora is not None and lora.dropout > 0 and not deterministic and module.has_rng("dropout"):
+        key = module.make_rng("dropout")
+    return L.einsum_lora(inputs, plan, kernel, bias, lora_a, lora_b, out_shape=out_shape,
+                         scaling=lora.scaling if lora is not None else 0.0, compute_dtype=compute_dtype,
+                         out_dtype=out_dtype, precision=module.precision,
+                         dropout_rate=lora.dropout if lora is not None else 0.0, dropout_key=key, backend=backend)
 
 
 class QLoRADense(nn.Module):
@@ -156,3 +193,33 @@ class QLoRADenseGeneral(nn.Module):
         return _call(self, inputs, axis=self.axis, features=self.features, kernel_init=self.kernel_init,
                      lora=self.lora_config, quant=self.quant_config, backend=self.backend,
                      deterministic=self.deterministic, flat_kernel_init=True)
+
+
+class QLoRAEinsum(nn.Module):
+    """Drop-in for `nn.Einsum`: the kernel `shape` permuted to (*in_axes, *out_axes) and quantized as 2-D.
+
+    in_axes are the kernel axes the equation contracts with the input (kernel order), out_axes the
+    ones it produces (output order). Variables: params/kernel: QuantizedArray (prod(in), prod(out))
+    (the dense kernel of `shape` with quant_config=None); params/bias (*out_axes,) (nn.Einsum's);
+    params/lora_a (*in_axes, r); params/lora_b (r, *out_axes). E.g. "btd,dnh->btnh" with shape
+    (d, n, h): kernel (d, n*h), lora_a (d, r), lora_b (r, n, h).
+    Kernel axes shared by the input and the output (batched matmuls) are not supported.
+    """
+
+    shape: Sequence[int]
+    einsum_str: str | None = None
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.linear.default_kernel_init
+    bias_init: Any = nn.initializers.zeros_init()
+    lora_config: LoraConfig | None = LoraConfig()
+    quant_config: QuantConfig | None = QuantConfig()
+    backend: str = "auto"
+    deterministic: bool | None = None
+
+    @nn.compact
+    def __call__(self, inputs, einsum_str: str | None = None):
+        return _einsum_call(self, inputs, einsum_str, lora=self.lora_config, quant=self.quant_config,
+                            backend=self.backend, deterministic=self.deterministic)

@@ -205,3 +205,138 @@ def vmap_lead(fn, lead: int):
     for _ in range(lead):
         fn = jax.vmap(fn)
     return fn
+
+
+# ----------------------------------------------------------------------------- einsum layers
+
+
+class EinsumPlan:
+    """How an Einsum kernel maps onto the (*in, *out) LoRA form.
+
+    From an equation "lhs,rhs->res" (explicit, two operands, no ellipsis in the kernel): the
+    kernel labels contracted with the input (in lhs, not in res) are the in axes, in kernel order;
+    the kernel labels that reach the output (in res, not in lhs) are the out axes, in output order
+    (the order of nn.Einsum's bias). `perm` orders the kernel's axes as (*in, *out). Kernel labels
+    shared by the input and the output (per-head or per-expert kernels) are batch axes of a
+    batched matmul, which has no single (K, N) matrix: NotImplementedError.
+    """
+
+    def __init__(self, einsum_str: str, where: str = "einsum"):
+        eq = einsum_str.replace(" ", "")
+        if "->" not in eq or eq.count(",") != 1:
+            raise ValueError(f"{where}: einsum_str {einsum_str!r} must be explicit ('->') with exactly two operands")
+        ops, res = eq.split("->")
+        lhs, rhs = ops.split(",")
+        if "." in rhs:
+            raise NotImplementedError(f"{where}: einsum_str {einsum_str!r} has an ellipsis in the kernel operand")
+        if len(set(rhs)) != len(rhs) or len(set(lhs.replace("...", ""))) != len(lhs.replace("...", "")):
+            raise NotImplementedError(f"{where}: einsum_str {einsum_str!r} repeats a label within an operand")
+        batch = [c for c in rhs if c in lhs and c in res]
+        lone = [c for c in rhs if c not in lhs and c not in res]
+        if batch or lone:
+            raise NotImplementedError(
+                f"{where}: einsum_str {einsum_str!r}: kernel axes {batch + lone} are "
+                + ("batch axes shared by the input and the output (a batched matmul)" if batch else
+                   "summed over the kernel alone") + "; only kernels whose axes are contracted (in) or "
+                "produced (out) can be quantized as one (prod(in), prod(out)) matrix")
+        self.einsum_str, self.lhs, self.rhs, self.res = eq, lhs, rhs, res
+        self.in_labels = "".join(c for c in rhs if c in lhs)
+        self.out_labels = "".join(c for c in res if c in rhs)
+        if not self.in_labels or not self.out_labels:
+            raise NotImplementedError(f"{where}: einsum_str {einsum_str!r} contracts no kernel axis or produces "
+                                      "none; it is not a linear projection")
+        self.perm = tuple(rhs.index(c) for c in self.in_labels + self.out_labels)
+
+    def in_shape(self, kernel_shape) -> tuple[int, ...]:
+        return tuple(kernel_shape[self.rhs.index(c)] for c in self.in_labels)
+
+    def out_shape(self, kernel_shape) -> tuple[int, ...]:
+        return tuple(kernel_shape[self.rhs.index(c)] for c in self.out_labels)
+
+    def kernel_shape(self, in_shape, out_shape) -> tuple[int, ...]:
+        """The kernel's own shape from its in and out axes."""
+        dims = dict(zip(self.in_labels + self.out_labels, tuple(in_shape) + tuple(out_shape)))
+        return tuple(dims[c] for c in self.rhs)
+
+    def inverse_perm(self) -> tuple[int, ...]:
+        return tuple(int(i) for i in np.argsort(self.perm))
+
+    def _expanded(self, ndim: int) -> tuple[str, str]:
+        """(lhs, res) with the ellipsis replaced by fresh labels for an input of rank ndim."""
+        lhs, res = self.lhs, self.res
+        if "..." in lhs:
+            used = set(self.lhs + self.rhs + self.res)
+            fresh = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+            n = ndim - (len(lhs) - 3)
+            ell = "".join(fresh[:n])
+            lhs, res = lhs.replace("...", ell), res.replace("...", ell)
+        if len(lhs) != ndim:
+            raise ValueError(f"einsum_str {self.einsum_str!r} expects an input of rank {len(lhs)}, got {ndim}")
+        return lhs, res
+
+    def to_in_last(self, x):
+        """x (lhs) -> (*kept, *in): the kept input axes in input order, the contracted ones last."""
+        lhs, res = self._expanded(x.ndim)
+        kept = "".join(c for c in lhs if c in res)
+        target = kept + self.in_labels
+        if target == lhs:
+            return x, kept
+        return jnp.einsum(f"{lhs}->{target}", x), kept
+
+    def to_result(self, y, kept: str, ndim: int):
+        """y (*kept, *out) -> the equation's output order."""
+        _, res = self._expanded(ndim)
+        src = kept + self.out_labels
+        return y if src == res else jnp.einsum(f"{src}->{res}", y)
+
+    def bias_shape(self, ndim: int, bias_shape) -> tuple[int, ...]:
+        """nn.Einsum's broadcast shape of a bias over the output."""
+        _, res = self._expanded(ndim)
+        dims = dict(zip(self.out_labels, bias_shape))
+        return tuple(dims.get(c, 1) for c in res)
+
+
+def einsum_lora(x, plan: EinsumPlan, kernel, bias, lora_a, lora_b, *, out_shape: Sequence[int], scaling: float,
+                compute_dtype, out_dtype, precision=None, dropout_rate: float = 0.0, dropout_key=None,
+                backend: str = "auto", interpret: bool = False):
+    """An adapted Einsum layer: einsum(x, W) (+ bias) + scaling * dropout(x) . A . B, in the equation's layout.
+
+    kernel: a 2-D QuantizedArray (prod(in), prod(out)) of the kernel permuted to (*in, *out) (goes
+    through `qmatmul`), or the dense kernel in its own layout (computed with `jnp.einsum` as
+    nn.Einsum does). bias: (*out) in output order, or None. lora_a (*in, r), lora_b (r, *out), or
+    both None. out_shape: the out axes' sizes (in output order). Returns out_dtype.
+    """
+    x2, kept = plan.to_in_last(x)
+    if is_quantized(kernel):
+        y = base_matmul(x2, kernel, n_in=len(plan.in_labels), out_shape=out_shape, compute_dtype=compute_dtype,
+                        precision=precision, backend=backend, interpret=interpret)
+        y = plan.to_result(y, kept, x.ndim)
+    else:
+        y = jnp.einsum(plan.einsum_str, x.astype(compute_dtype), jnp.asarray(kernel).astype(compute_dtype),
+                       precision=precision)
+    if bias is not None:
+        bias = jnp.asarray(bias).astype(y.dtype)
+        y = y + jnp.reshape(bias, plan.bias_shape(x.ndim, bias.shape))
+    if lora_a is not None:
+        delta = lora_delta(dropout(x2, dropout_rate, dropout_key), lora_a, lora_b, n_in=len(plan.in_labels),
+                           scaling=scaling, precision=precision)
+        delta = plan.to_result(delta, kept, x.ndim)
+        dtype = jnp.promote_types(y.dtype, delta.dtype)
+        y = y.astype(dtype) + delta.astype(dtype)
+    return y.astype(out_dtype)
+
+
+def einsum_merged_kernel(plan: EinsumPlan, kernel, lora_a, lora_b, *, kernel_shape: Sequence[int],
+                         scaling: float, dtype) -> jax.Array:
+    """W + scaling * A @ B as a dense kernel in the Einsum's own layout `kernel_shape`."""
+    in_shape, out_shape = plan.in_shape(kernel_shape), plan.out_shape(kernel_shape)
+    if not is_quantized(kernel):
+        kernel = jnp.transpose(jnp.asarray(kernel), plan.perm)
+    w = merged_kernel(kernel, lora_a, lora_b, in_shape=in_shape, out_shape=out_shape, scaling=scaling, dtype=dtype)
+    return jnp.transpose(w, plan.inverse_perm())
+
+
+def quantize_einsum_kernel(plan: EinsumPlan, kernel, quant_config, lead: int = 0) -> QuantizedArray:
+    """An Einsum kernel (*lead, *kernel_shape) permuted to (*in, *out) and quantized as 2-D."""
+    perm = tuple(range(lead)) + tuple(lead + p for p in plan.perm)
+    return quantize_kernel(jnp.transpose(kernel, perm), len(plan.in_labels), quant_config, lead=lead)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -9,10 +10,10 @@ from flax import nnx
 
 from qjax._src import lora as L
 from qjax._src.lora_config import LoraConfig
-from qjax._src.nnx_lora import BaseParam, QLoRALinear, QLoRALinearGeneral, _QLoRABase
+from qjax._src.nnx_lora import BaseParam, QLoRAEinsum, QLoRALinear, QLoRALinearGeneral, _QLoRABase
 from qjax._src.policy import QuantConfig
 
-_LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral)
+_LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
 
 def _path(parts) -> str:
@@ -48,13 +49,26 @@ def _check_not_converted(model) -> None:
                          "already converted (qjax.nnx.merge gives back plain layers)")
 
 
+def _in_out(m) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if isinstance(m, nnx.Einsum):
+        plan = L.EinsumPlan(m.einsum_str)
+        return plan.in_shape(m.kernel_shape), plan.out_shape(m.kernel_shape)
+    if isinstance(m, nnx.LinearGeneral):
+        return tuple(m.in_features), tuple(m.out_features)
+    return (m.in_features,), (m.out_features,)
+
+
 def _kernel_size(m) -> int:
     return int(jnp.size(m.kernel.get_value()))
 
 
 def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: QuantConfig | None = QuantConfig(),
             rngs: nnx.Rngs | None = None, *, backend: str = "auto"):
-    """Replaces the matching nnx.Linear / nnx.LinearGeneral submodules of `model` in place; returns it.
+    """Replaces the matching nnx.Linear / nnx.LinearGeneral / nnx.Einsum submodules of `model` in place.
+
+    Returns the model. An nnx.Einsum's in axes are the kernel axes its equation contracts (kernel
+    order), its out axes those it produces (output order); einsums with kernel axes shared by input
+    and output (batched matmuls) are left alone with a warning.
 
     A layer at path "a/b/q_proj" gets adapters when `lora_config` selects it ("all-linear": every
     layer but an output head; otherwise target_modules patterns matched in full or against the
@@ -67,9 +81,19 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
     if lora_config is None and quant_config is None:
         raise ValueError("convert needs a lora_config, a quant_config, or both")
     _check_not_converted(model)
-    found = _find(model, _LINEAR_TYPES)
+    found = []
+    for parts, m in _find(model, _LINEAR_TYPES):
+        if isinstance(m, nnx.Einsum):
+            try:
+                if m.einsum_str is None:
+                    raise NotImplementedError(f"{_path(parts)}: nnx.Einsum without an einsum_str at construction")
+                L.EinsumPlan(m.einsum_str, _path(parts))
+            except (ValueError, NotImplementedError) as e:  # e.g. a batched (per-expert) einsum: left alone
+                warnings.warn(f"not converted: {e}", stacklevel=2)
+                continue
+        found.append((parts, m))
     if not found:
-        raise ValueError(f"{type(model).__name__} has no nnx.Linear / nnx.LinearGeneral layer; "
+        raise ValueError(f"{type(model).__name__} has no nnx.Linear / nnx.LinearGeneral / nnx.Einsum layer; "
                          "there is nothing to convert")
     paths = [_path(p) for p, _ in found]
     lora_paths = set(L.select_layers(paths, lora_config)) if lora_config is not None else set()
@@ -78,8 +102,7 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
         quantized = (quant_config is not None and quant_config.selects(f"{path}/kernel")
                      and _kernel_size(m) >= quant_config.min_size)
         if path in lora_paths or quantized:
-            out = m.out_features if isinstance(m, nnx.LinearGeneral) else (m.out_features,)
-            inp = m.in_features if isinstance(m, nnx.LinearGeneral) else (m.in_features,)
+            inp, out = _in_out(m)
             if path in lora_paths:
                 L.check_rank(lora_config.r, inp, out, path)
             plan.append((parts, m, path, path in lora_paths, quantized))
@@ -93,7 +116,9 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
     for parts, m, path, lora, quantized in plan:
         kw = dict(rngs=rngs, backend=backend, where=path)
         lc, qc = (lora_config if lora else None), (quant_config if quantized else None)
-        if isinstance(m, nnx.LinearGeneral):
+        if isinstance(m, nnx.Einsum):
+            new = QLoRAEinsum.from_einsum(m, lc, qc, **kw)
+        elif isinstance(m, nnx.LinearGeneral):
             new = QLoRALinearGeneral.from_linear_general(m, lc, qc, **kw)
         else:
             new = QLoRALinear.from_linear(m, lc, qc, **kw)
@@ -104,7 +129,7 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
 def merge(model, dtype=None, *, requantize: QuantConfig | None = None):
     """Folds `scaling * A @ B` into every QLoRA layer's kernel in place; returns the model.
 
-    Each layer becomes a plain nnx.Linear / nnx.LinearGeneral with the dense merged kernel in
+    Each layer becomes a plain nnx.Linear / nnx.LinearGeneral / nnx.Einsum with the dense merged kernel in
     `dtype` (default: the original kernel dtype), or, with `requantize`, a QLoRA layer without
     adapters whose merged kernel is quantized again.
     """
@@ -115,7 +140,12 @@ def merge(model, dtype=None, *, requantize: QuantConfig | None = None):
         w = m.merged_kernel(dtype)
         bias = m.bias.get_value() if m.bias is not None else None
         general = isinstance(m, QLoRALinearGeneral)
-        if general:
+        if isinstance(m, QLoRAEinsum):
+            new = nnx.Einsum(m.einsum_str, m.kernel_shape, m.bias_shape, dtype=m.dtype, param_dtype=w.dtype,
+                             precision=m.precision, kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
+            if bias is not None:
+                bias = jnp.reshape(bias, m.lead + tuple(m.bias_shape))
+        elif general:
             new = nnx.LinearGeneral(m.in_features, m.out_features, axis=m.axis, use_bias=bias is not None,
                                     dtype=m.dtype, param_dtype=w.dtype, precision=m.precision,
                                     kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
@@ -127,7 +157,8 @@ def merge(model, dtype=None, *, requantize: QuantConfig | None = None):
         if bias is not None:
             new.bias = nnx.Param(bias)
         if requantize is not None:
-            cls = QLoRALinearGeneral.from_linear_general if general else QLoRALinear.from_linear
+            cls = (QLoRAEinsum.from_einsum if isinstance(m, QLoRAEinsum) else
+                   QLoRALinearGeneral.from_linear_general if general else QLoRALinear.from_linear)
             new = cls(new, None, requantize, rngs=nnx.Rngs(0), backend=m.backend, where=_path(parts))
         _replace(model, parts, new)
     return model

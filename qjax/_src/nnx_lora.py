@@ -8,11 +8,10 @@ Param filter ever selects it. Biases stay `nnx.Param`.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from qjax._src import lora as L
@@ -25,10 +24,6 @@ LoRAParam = nnx.LoRAParam
 
 class BaseParam(nnx.Variable):
     """The frozen base kernel of a LoRA layer: a QuantizedArray (or a dense array in 16-bit LoRA)."""
-
-
-def _tuple(x) -> tuple:
-    return tuple(x) if isinstance(x, Sequence) else (x,)
 
 
 class _QLoRABase(nnx.Module):
@@ -174,3 +169,86 @@ class QLoRALinearGeneral(_QLoRABase):
 
     def __call__(self, x):
         return self._apply(x)
+
+
+class QLoRAEinsum(_QLoRABase):
+    """Drop-in for `nnx.Einsum` (einsum_str given at construction): kernel permuted to (*in, *out), quantized as 2-D.
+
+    in axes: the kernel axes the equation contracts with the input (kernel order); out axes: the
+    ones it produces (output order). E.g. "btd,dnh->btnh" with kernel_shape (d, n, h): kernel
+    BaseParam(QuantizedArray (d, n*h)) (the dense kernel of kernel_shape with quant_config=None),
+    bias Param (n, h), lora_a LoRAParam (d, r), lora_b LoRAParam (r, n, h).
+    Kernel axes shared by the input and the output (batched matmuls) are not supported.
+    """
+
+    def __init__(self, einsum_str: str, kernel_shape: Sequence[int], bias_shape: Sequence[int] | None = None, *,
+                 dtype=None, param_dtype=jnp.float32, precision=None, kernel_init=nnx.initializers.lecun_normal(),
+                 bias_init=nnx.initializers.zeros_init(), lora_config: LoraConfig | None = LoraConfig(),
+                 quant_config: QuantConfig | None = QuantConfig(), backend: str = "auto", rngs: nnx.Rngs,
+                 _module: nnx.Einsum | None = None, _where: str = "QLoRAEinsum"):
+        if _module is None:
+            _module = nnx.Einsum(einsum_str, kernel_shape, bias_shape, dtype=dtype, param_dtype=param_dtype,
+                                 precision=precision, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+        m, where = _module, _where
+        if m.einsum_str is None:
+            raise NotImplementedError(f"{where}: nnx.Einsum without an einsum_str at construction cannot be converted")
+        plan = L.EinsumPlan(m.einsum_str, where)
+        shape = tuple(m.kernel_shape)
+        kernel = m.kernel.get_value()
+        lead = tuple(kernel.shape[:kernel.ndim - len(shape)])
+        in_shape, out_shape = plan.in_shape(shape), plan.out_shape(shape)
+        bias = m.bias.get_value() if m.bias is not None else None
+        self.einsum_str, self.kernel_shape = plan.einsum_str, shape
+        self.bias_shape = tuple(m.bias_shape) if m.bias_shape is not None else None
+        if bias is not None:
+            bias = jnp.reshape(bias, lead + out_shape)
+        if quant_config is not None and not is_quantized(kernel):
+            try:
+                kernel = L.quantize_einsum_kernel(plan, kernel, quant_config, lead=len(lead))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{where}/kernel: {e}") from None
+        self._setup(kernel, bias, in_shape=in_shape, out_shape=out_shape, lead=lead, dtype=m.dtype,
+                    param_dtype=m.param_dtype, precision=m.precision, lora_config=lora_config,
+                    quant_config=quant_config, backend=backend, rngs=rngs, where=where)
+
+    @classmethod
+    def from_einsum(cls, m: nnx.Einsum, lora_config, quant_config, *, rngs, backend="auto",
+                    where: str = "") -> "QLoRAEinsum":
+        """Wraps an existing nnx.Einsum (kernel (*lead, *kernel_shape) quantized as 2-D, bias kept)."""
+        return cls(m.einsum_str, m.kernel_shape, m.bias_shape, lora_config=lora_config, quant_config=quant_config,
+                   backend=backend, rngs=rngs, _module=m, _where=where or "QLoRAEinsum")
+
+    def __call__(self, x, einsum_str: str | None = None):
+        if einsum_str is not None and einsum_str.replace(" ", "") != self.einsum_str:
+            raise ValueError(f"QLoRAEinsum was converted for {self.einsum_str!r}; called with {einsum_str!r}")
+        plan = L.EinsumPlan(self.einsum_str)
+        kernel = self.kernel.get_value()
+        bias = self.bias.get_value() if self.bias is not None else None
+        out_dtype = self.dtype or jnp.promote_types(x.dtype, L.kernel_dtype(kernel))
+        compute = out_dtype
+        if is_quantized(kernel) and self.quant_config is not None and self.quant_config.compute_dtype is not None:
+            compute = self.quant_config.compute_dtype
+        base = L.einsum_lora(x, plan, kernel, bias, None, None, out_shape=self.out_shape, scaling=0.0,
+                             compute_dtype=compute, out_dtype=compute, precision=self.precision,
+                             backend=self.backend)
+        if self.lora_a is None:
+            return base.astype(out_dtype)
+        x2, kept = plan.to_in_last(x)
+        xd = self.lora_dropout(x2) if self.lora_dropout is not None else x2
+        delta = L.lora_delta(xd, self.lora_a.get_value(), self.lora_b.get_value(), n_in=len(self.in_shape),
+                             scaling=self.lora_config.scaling, precision=self.precision)
+        delta = plan.to_result(delta, kept, x.ndim)
+        dtype = jnp.promote_types(base.dtype, delta.dtype)
+        return (base.astype(dtype) + delta.astype(dtype)).astype(out_dtype)
+
+    def merged_kernel(self, dtype=None) -> jax.Array:
+        """W + scaling * A @ B as a dense (*lead, *kernel_shape) array (default: the kernel's original dtype)."""
+        plan = L.EinsumPlan(self.einsum_str)
+        kernel = self.kernel.get_value()
+        a = self.lora_a.get_value() if self.lora_a is not None else None
+        b = self.lora_b.get_value() if self.lora_b is not None else None
+        scaling = self.lora_config.scaling if self.lora_config is not None else 0.0
+        dtype = dtype or L.kernel_dtype(kernel)
+        fn = lambda k, a, b: L.einsum_merged_kernel(plan, k, a, b, kernel_shape=self.kernel_shape,  # noqa: E731
+                                                    scaling=scaling, dtype=dtype)
+        return L.vmap_lead(fn, len(self.lead))(kernel, a, b)

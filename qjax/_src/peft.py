@@ -1,6 +1,7 @@
 """PEFT LoRA adapter files both ways: adapter_model.safetensors + adapter_config.json.
 
-qjax adapters are `lora_a` (in, r) and `lora_b` (r, out) with output `x @ A @ B * scaling`;
+qjax adapters are `lora_a` (in, r) and `lora_b` (r, out) with output `x @ A @ B * scaling`
+(rank > 2 adapters of DenseGeneral / Einsum layers are flattened to those);
 PEFT stores torch Linear weights `lora_A.weight` (r, in) and `lora_B.weight` (out, r) under
 "base_model.model.<module>.", so each is the transpose of the other. Module names go through
 a `NameMap` (default: Hugging Face Llama names).
@@ -44,6 +45,17 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {e}") from None
 
 
+def _flat2d_shape(shape, leaf: str) -> tuple[int, int]:
+    """lora_a (*in, r) -> (prod(in), r); lora_b (r, *out) -> (r, prod(out))."""
+    if leaf == "lora_a":
+        return (int(np.prod(shape[:-1])), shape[-1])
+    return (shape[0], int(np.prod(shape[1:])))
+
+
+def _flat2d(x: np.ndarray, leaf: str) -> np.ndarray:
+    return np.reshape(x, _flat2d_shape(x.shape, leaf))
+
+
 def _module_name(path) -> str:
     return "/".join(map(str, path))
 
@@ -59,18 +71,24 @@ def save_peft_adapter(directory, variables_or_model, lora_config: LoraConfig, *,
     name_map: Flax module path -> torch module name (see `NameMap`).
     dtype: dtype of the stored tensors (default: the adapters' own).
     task_type: PEFT task type, e.g. "CAUSAL_LM" for a transformers model (None: a plain PeftModel).
-    Returns {flax module path: torch module name}. Raises ValueError for adapters of rank > 2
-    (DenseGeneral-style kernels have no PEFT Linear equivalent) or a rank that is not lora_config.r.
+    Adapters of DenseGeneral / Einsum layers (`lora_a (*in, r)`, `lora_b (r, *out)`) are stored
+    flattened, `(r, prod(in))` / `(prod(out), r)`: the torch Linear whose weight is the flattened
+    kernel (Hugging Face's q_proj for a (d_model, heads, head_dim) kernel); `load_peft_adapter`
+    reshapes them back.
+    Returns {flax module path: torch module name}. Raises ValueError for stacked (scanned) adapters
+    or a rank that is not lora_config.r.
     """
     groups = ad.modules(ad.flat_adapters(variables_or_model))
     tensors, names = {}, {}
     for path, pair in groups.items():
         a, b = np.asarray(pair["lora_a"]), np.asarray(pair["lora_b"])
-        if a.ndim != 2 or b.ndim != 2:
-            raise ValueError(f"module {_module_name(path)!r} has lora_a shape={a.shape}, lora_b shape={b.shape}; "
-                             "PEFT files hold 2-D Linear adapters only")
-        if a.shape[1] != lora_config.r:
-            raise ValueError(f"module {_module_name(path)!r} has rank {a.shape[1]}, lora_config.r={lora_config.r}")
+        if ad.stacked_axes(a.shape, b.shape) != 0:
+            raise ValueError(f"module {_module_name(path)!r} has stacked adapters (lora_a shape={a.shape}, "
+                             f"lora_b shape={b.shape}) from scanned / vmapped layers; PEFT files hold one "
+                             "Linear per module: unstack the layers first")
+        if a.shape[-1] != lora_config.r:
+            raise ValueError(f"module {_module_name(path)!r} has rank {a.shape[-1]}, lora_config.r={lora_config.r}")
+        a, b = _flat2d(a, "lora_a"), _flat2d(b, "lora_b")
         name = name_map.to_torch(_module_name(path))
         names[_module_name(path)] = name
         if dtype is not None:
@@ -158,6 +176,8 @@ def load_peft_adapter(directory, variables_or_model, lora_config: LoraConfig | N
             used.add(key)
             value = tensors[key].T
             want = tuple(np.shape(pair[leaf]))
+            if value.shape == _flat2d_shape(want, leaf):
+                value = np.reshape(value, want)  # a DenseGeneral / Einsum layer's flattened Linear
             if value.shape != want:
                 problems.append(f"{_module_name(path)}/{leaf}: file has shape={value.shape} (as {leaf}), "
                                 f"model has shape={want}")

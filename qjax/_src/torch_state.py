@@ -9,6 +9,7 @@ with `transposed=True`: logical (in, out), codes kept bit for bit in torch's (ou
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._src import adapters as ad
+from qjax._src import lora as L
 from qjax._src.bnb import bnb_state_dict, bnb_weight, from_bnb_state_dict
 from qjax._src.lora_config import LoraConfig
 from qjax._src.names import LLAMA, NameMap
@@ -161,8 +163,10 @@ def merged_state_dict(variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16,
     """The merged dense model (PEFT's `merge_and_unload`) as a torch state dict.
 
     Each kernel with adapters becomes `dequantize(kernel, float32) + scaling * A @ B` (in
-    float32), cast to `dtype` and transposed to torch's (out, in); other QuantizedArrays are
-    dequantized; everything else is cast to `dtype` when it is a float.
+    float32, the math of `qjax.linen.merge`), cast to `dtype` and transposed to torch's (out, in);
+    adapters of rank > 2 (`lora_a (*in, r)`, `lora_b (r, *out)`) give the flattened
+    (prod(out), prod(in)) weight. Other QuantizedArrays are dequantized; everything else is cast to
+    `dtype` when it is a float.
     """
     dtype = np.dtype(dtype)
     tree = ad.as_tree(variables) if ad.is_nnx_module(variables) else variables
@@ -177,14 +181,14 @@ def merged_state_dict(variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16,
     for module, leaf, x in _leaves(tree):
         if leaf in ad.ADAPTER_NAMES:
             continue
-        if leaf == "kernel":
-            w = dequantize(x, jnp.float32) if is_quantized(x) else jnp.asarray(x, jnp.float32)
-            pair = by_module.pop(module, None)
-            if pair is not None:
-                delta = jnp.matmul(jnp.asarray(pair["lora_a"], jnp.float32), jnp.asarray(pair["lora_b"], jnp.float32),
-                                   precision=jax.lax.Precision.HIGHEST)
-                w = w + jnp.float32(lora_config.scaling) * delta.reshape(w.shape)
-            x = w
+        pair = by_module.pop(module, None) if leaf == "kernel" else None
+        if pair is not None:
+            # qjax.linen.merge / qjax.nnx.merge's math; a kernel of rank > 2 (DenseGeneral / Einsum) is
+            # flattened to (prod(in), prod(out)), the layout of the torch Linear it stands for.
+            in_shape, out_shape = np.shape(pair["lora_a"])[:-1], np.shape(pair["lora_b"])[1:]
+            x = L.merged_kernel(x, pair["lora_a"], pair["lora_b"], in_shape=in_shape, out_shape=out_shape,
+                                scaling=lora_config.scaling, dtype=jnp.float32)
+            x = jnp.reshape(x, (math.prod(in_shape), math.prod(out_shape)))
         elif is_quantized(x):
             x = dequantize(x, jnp.float32)
         x = np.asarray(x)
