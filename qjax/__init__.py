@@ -7,6 +7,14 @@ from qjax._src.lora_config import LoraConfig
 from qjax._src.policy import DEFAULT_SKIP, QuantConfig, dequantize_params, quantize_params
 from qjax._src.qarray import QuantizedArray, is_quantized
 from qjax._src.qmatmul import qmatmul
+from qjax._src.sharded_qmatmul import qmatmul_sharded
+from qjax._src.sharding import (
+    lora_sharding,
+    params_sharding,
+    quantize_params_sharded,
+    quantized_sharding,
+    shard_params,
+)
 from qjax._src.quantize import dequantize, dequantize_blockwise, quantize, quantize_blockwise
 
 __version__ = "0.1.0"
@@ -14,5 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantizedArray",
     "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized",
-    "memory_footprint", "qmatmul", "quantize", "quantize_blockwise", "quantize_params",
+    "lora_sharding", "memory_footprint", "params_sharding", "qmatmul", "qmatmul_sharded", "quantize",
+    "quantize_blockwise", "quantize_params", "quantize_params_sharded", "quantized_sharding", "shard_params",
 ]
