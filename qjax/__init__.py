@@ -10,6 +10,7 @@ from qjax._src.qmatmul import qmatmul
 from qjax._src.sharded_qmatmul import qmatmul_sharded
 from qjax._src.sharding import (
     lora_sharding,
+    optimizer_sharding,
     params_sharding,
     quantize_params_sharded,
     quantized_sharding,
@@ -22,6 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantizedArray",
     "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized",
-    "lora_sharding", "memory_footprint", "params_sharding", "qmatmul", "qmatmul_sharded", "quantize",
+    "lora_sharding", "memory_footprint", "optimizer_sharding", "params_sharding", "qmatmul", "qmatmul_sharded", "quantize",
     "quantize_blockwise", "quantize_params", "quantize_params_sharded", "quantized_sharding", "shard_params",
 ]

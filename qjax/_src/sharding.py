@@ -318,3 +318,22 @@ def quantize_params_sharded(params, mesh, spec, config=None):
     in_sh = params_sharding(params, mesh, specs, lora=False)
     out_sh = params_sharding(abstract_out, mesh, specs, lora=False)
     return jax.jit(fn, in_shardings=(in_sh,), out_shardings=out_sh)(params)
+
+
+def optimizer_sharding(optimizer, params, shardings, mesh=None):
+    """Shardings for `optimizer.init(params)`: every copy of the params tree in the state
+    (adam's mu and nu, ...) sharded like the params, other fields (step counts) replicated.
+
+    optimizer: an optax GradientTransformation. params: the (trainable) params tree, arrays
+    or ShapeDtypeStructs. shardings: their shardings (e.g. from `params_sharding`).
+    Use as `jax.jit(optimizer.init, out_shardings=optimizer_sharding(...))(params)`: a plain
+    jitted init leaves its zeros on one device.
+    """
+    import optax
+
+    if mesh is None:
+        mesh = next(s.mesh for s in jax.tree_util.tree_leaves(shardings) if isinstance(s, NamedSharding))
+    abstract = jax.eval_shape(optimizer.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(optimizer, lambda _, s: s, abstract, shardings,
+                                 transform_non_params=lambda _: replicated)
