@@ -167,9 +167,12 @@ def quantized_sharding(q: QuantizedArray, sharding: NamedSharding) -> QuantizedA
         raise TypeError(f"quantized_sharding needs a QuantizedArray, got {type(q).__name__}")
     if not isinstance(sharding, NamedSharding):
         raise TypeError(f"quantized_sharding needs a NamedSharding, got {type(sharding).__name__}")
-    specs = quantized_leaf_specs(q, sharding.spec, sharding.mesh)
-    leaves = {k: (None if s is None else NamedSharding(sharding.mesh, s)) for k, s in specs.items()}
-    return q.replace(**leaves)
+    return _quantized_sharding(q, sharding.spec, sharding.mesh)
+
+
+def _quantized_sharding(q: QuantizedArray, spec: SpecLike, mesh) -> QuantizedArray:
+    specs = quantized_leaf_specs(q, spec, mesh)
+    return q.replace(**{k: (None if s is None else NamedSharding(mesh, s)) for k, s in specs.items()})
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -269,7 +272,7 @@ def params_sharding(tree, mesh, spec, *, lora: bool = True):
 
     def one(s, x, path=""):
         if is_quantized(x):
-            return quantized_sharding(x, NamedSharding(mesh, s if s is not None else PartitionSpec()))
+            return _quantized_sharding(x, s, mesh)
         ndim = len(_shape(x) or ())
         entries = _normalize(s, ndim, mesh, f"parameter {path or '?'} shape={_shape(x)}")
         return NamedSharding(mesh, _spec(entries))
