@@ -306,9 +306,11 @@ def shard_params(tree, mesh, spec, *, lora: bool = True):
 def quantize_params_sharded(params, mesh, spec, config=None):
     """`quantize_params` run shard by shard under `jit`: no device holds a whole dense weight.
 
-    params: dense params tree (arrays, ideally already sharded by `spec`). spec: as in
-    `params_sharding`, over the dense shapes; the dense inputs and the quantized outputs both
-    follow it. config: QuantConfig (default QuantConfig()).
+    params: dense params tree (arrays, ideally already sharded by `spec`: build them with
+    `jit(init, out_shardings=params_sharding(...))` or restore them onto that sharding).
+    spec: as in `params_sharding`, over the dense shapes; the dense inputs and the quantized
+    outputs both follow it (adapters derived from their kernels). config: QuantConfig
+    (default QuantConfig()).
     Returns the quantized tree, sharded. With double quantization the per-weight absmax mean
     (torch's summation order) reads all of one weight's float32 absmax (1/16 of its dense
     float32 bytes at blocksize 64), so that array is gathered; the codes never are.
@@ -318,9 +320,11 @@ def quantize_params_sharded(params, mesh, spec, config=None):
     fn = lambda p: quantize_params(p, config)
     abstract_out = jax.eval_shape(fn, params)
     specs = resolve_specs(params, spec)
-    in_sh = params_sharding(params, mesh, specs, lora=False)
-    out_sh = params_sharding(abstract_out, mesh, specs, lora=False)
-    return jax.jit(fn, in_shardings=(in_sh,), out_shardings=out_sh)(params)
+    in_sh = params_sharding(params, mesh, specs)
+    out_sh = params_sharding(abstract_out, mesh, specs)
+    # a no-op for inputs already sharded so; otherwise each device receives only its slice
+    params = jax.device_put(params, in_sh)
+    return jax.jit(fn, out_shardings=out_sh)(params)
 
 
 def optimizer_sharding(optimizer, params, shardings, mesh=None):
