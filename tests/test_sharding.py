@@ -134,3 +134,22 @@ def test_multidevice_suite(tmp_path):
     suite = ElementTree.parse(report).getroot().find("testsuite")
     counts = {k: int(suite.get(k)) for k in ("tests", "failures", "errors", "skipped")}
     assert counts["tests"] > 0 and counts["failures"] == counts["errors"] == counts["skipped"] == 0, counts
+
+
+def test_flax_logical_axis_names_map_to_quantized_specs():
+    nn = pytest.importorskip("flax.linen")
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+            return nn.Dense(512, kernel_init=init, name="up")(x)
+
+    boxed = jax.eval_shape(Block().init, jax.random.key(0), jnp.ones((2, 256)))
+    rules = (("embed", "data"), ("mlp", "model"))
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)["params"]
+    dense = nn.meta.unbox(boxed)["params"]
+    quantized = jax.eval_shape(lambda p: qjax.quantize_params(p, qjax.QuantConfig()), dense)
+    sh = qjax.params_sharding(quantized, MESH, specs)
+    assert sh["up"]["kernel"].packed.spec == P("data", "model")
+    assert sh["up"]["bias"].spec == P()
