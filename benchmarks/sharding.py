@@ -30,7 +30,8 @@ PROJ = {  # name: (in, out) in units of the config, and the spec over (in, out)
 }
 
 
-def _measure(n_devices: int, layers: int, batch: int, seq: int, r: int) -> dict:
+def _measure(n_devices: int, layers: int, batch: int, seq: int, r: int, gather: str = "codes",
+             split_rank: bool = True) -> dict:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
     import jax
     import jax.numpy as jnp
@@ -65,7 +66,8 @@ def _measure(n_devices: int, layers: int, batch: int, seq: int, r: int) -> dict:
         k_in, k_out = cfg[a], cfg[b]
         frozen_layers[name] = stacked_q(k_in, k_out, spec)
         # adapters: A split like the base's `in`, B like its `out` (qjax.lora_sharding's rule)
-        lora_specs = qjax.lora_sharding({"kernel": P(*spec), "lora_a": None, "lora_b": None})
+        lora_specs = qjax.lora_sharding({"kernel": P(*spec), "lora_a": None, "lora_b": None},
+                                        split_rank=split_rank)
         lora_layers[name] = {"lora_a": sds((L, k_in, r), jnp.float32, P(None, *lora_specs["lora_a"])),
                              "lora_b": sds((L, r, k_out), jnp.float32, P(None, *lora_specs["lora_b"]))}
     frozen_layers["attn_norm"] = sds((L, d), jnp.bfloat16, P())
@@ -89,7 +91,11 @@ def _measure(n_devices: int, layers: int, batch: int, seq: int, r: int) -> dict:
         return (y * w.astype(jnp.float32)).astype(jnp.bfloat16)
 
     def proj(x, fl, ll, name):
-        base = qjax.qmatmul(x, fl[name], compute_dtype=jnp.bfloat16)
+        w = fl[name]
+        if gather == "codes":  # FSDP: gather the packed codes over `data` here, then dequantize locally
+            tp = tuple(e if e == "model" else None for e in PROJ[name][2])
+            w = qjax.with_sharding_constraint(w, mesh, P(*tp))
+        base = qjax.qmatmul(x, w, compute_dtype=jnp.bfloat16)
         a, b = ll[name]["lora_a"].astype(jnp.bfloat16), ll[name]["lora_b"].astype(jnp.bfloat16)
         return base + ((x @ a) @ b) * jnp.bfloat16(scale)
 
@@ -127,6 +133,7 @@ def _measure(n_devices: int, layers: int, batch: int, seq: int, r: int) -> dict:
     nbytes = lambda tree: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
     return {
         "devices": n_devices, "mesh": MESHES[n_devices], "layers": L, "batch": batch, "seq": seq, "r": r,
+        "gather": gather, "split_rank": split_rank,
         "global_frozen_bytes": nbytes(frozen), "global_lora_bytes": nbytes(lora),
         "global_opt_bytes": nbytes(opt_state),
         "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
@@ -205,19 +212,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, nargs="*", default=[1, 8, 64])
     ap.add_argument("--layers", type=int, default=LLAMA_7B["layers"])
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--gather", choices=["codes", "auto"], default="codes",
+                    help="codes: constrain each kernel to its tensor-parallel layout before the matmul "
+                         "(FSDP gathers uint8 codes); auto: leave the choice to XLA")
+    ap.add_argument("--no-split-rank", dest="split_rank", action="store_false",
+                    help="keep the LoRA rank axis replicated (adapters split over one mesh axis only)")
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
-        print(json.dumps(_measure(args.devices[0], args.layers, args.batch, args.seq, args.r)))
+        print(json.dumps(_measure(args.devices[0], args.layers, args.batch, args.seq, args.r, args.gather,
+                                  args.split_rank)))
         return
     rows = []
     for n in args.devices:
         cmd = [sys.executable, __file__, "--_child", "--devices", str(n), "--layers", str(args.layers),
-               "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r)]
+               "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r), "--gather", args.gather]
+        cmd += [] if args.split_rank else ["--no-split-rank"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             sys.exit(f"{n} devices failed:\n{res.stderr[-4000:]}")
@@ -232,13 +246,14 @@ def main():
 def table(rows) -> str:
     gib = lambda b: f"{b / 2**30:.3f}"
     base = rows[0]["per_device_bytes"] * rows[0]["devices"]
-    lines = ["| devices | mesh (data, model) | args GiB | temp GiB | per-device GiB | ideal 1/n GiB | ratio | "
+    lines = ["| devices | mesh (data, model) | gather | LoRA rank | args GiB | temp GiB | per-device GiB | ideal 1/n GiB | ratio | "
              "all-gather GiB | all-reduce GiB | reduce-scatter GiB | all-to-all GiB | permute GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ideal = base / r["devices"]
         b = r["collectives"]["bytes"]
-        lines.append(f"| {r['devices']} | {tuple(r['mesh'])} | {gib(r['argument_bytes'])} | {gib(r['temp_bytes'])} | "
+        rank = "split" if r["split_rank"] else "replicated"
+        lines.append(f"| {r['devices']} | {tuple(r['mesh'])} | {r['gather']} | {rank} | {gib(r['argument_bytes'])} | {gib(r['temp_bytes'])} | "
                      f"{gib(r['per_device_bytes'])} | {gib(ideal)} | {r['per_device_bytes'] / ideal:.2f} | "
                      f"{gib(b['all-gather'])} | {gib(b['all-reduce'])} | {gib(b['reduce-scatter'])} | "
                      f"{gib(b['all-to-all'])} | {gib(b['collective-permute'])} |")

@@ -15,6 +15,7 @@ from qjax._src.sharding import (
     quantize_params_sharded,
     quantized_sharding,
     shard_params,
+    with_sharding_constraint,
 )
 from qjax._src.quantize import dequantize, dequantize_blockwise, quantize, quantize_blockwise
 
@@ -25,4 +26,5 @@ __all__ = [
     "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized",
     "lora_sharding", "memory_footprint", "optimizer_sharding", "params_sharding", "qmatmul", "qmatmul_sharded", "quantize",
     "quantize_blockwise", "quantize_params", "quantize_params_sharded", "quantized_sharding", "shard_params",
+    "with_sharding_constraint",
 ]

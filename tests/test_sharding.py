@@ -153,3 +153,17 @@ def test_flax_logical_axis_names_map_to_quantized_specs():
     sh = qjax.params_sharding(quantized, MESH, specs)
     assert sh["up"]["kernel"].packed.spec == P("data", "model")
     assert sh["up"]["bias"].spec == P()
+
+
+def test_split_rank_spreads_adapters_over_both_axes():
+    specs = {"kernel": P("data", "model"), "lora_a": None, "lora_b": None}
+    out = qjax.lora_sharding(specs, split_rank=True)
+    assert out["lora_a"] == P("data", "model") and out["lora_b"] == P("data", "model")
+    stacked = qjax.lora_sharding({"kernel": P(None, ("data", "model"), None), "lora_a": None, "lora_b": None},
+                                 split_rank=True)
+    assert stacked["lora_a"] == P(None, ("data", "model")) and stacked["lora_b"] == P(None, ("data", "model"))
+    tree = {"kernel": abstract_q((256, 512)), "lora_a": jax.ShapeDtypeStruct((256, 8), jnp.float32),
+            "lora_b": jax.ShapeDtypeStruct((8, 512), jnp.float32)}
+    sh = qjax.params_sharding(tree, MESH, lambda path, leaf: P("data", "model") if path == "kernel" else None,
+                              lora="split_rank")
+    assert sh["lora_a"].spec == P("data", "model") and sh["lora_b"].spec == P("data", "model")

@@ -178,10 +178,12 @@ def _quantized_sharding(q: QuantizedArray, spec: SpecLike, mesh) -> QuantizedArr
 # ----------------------------------------------------------------------------- LoRA
 
 
-def _lora_specs(kernel_spec, k_ndim: int, a_ndim: int, b_ndim: int, where: str):
+def _lora_specs(kernel_spec, k_ndim: int, a_ndim: int, b_ndim: int, where: str, split_rank: bool = False):
     """(A spec, B spec) from the kernel's spec: A (..., in..., r) like `in`, B (..., r, out...) like `out`.
 
     Leading axes present in all three (stacked layers) come first and are split like the kernel.
+    split_rank: also split A's rank axis over the kernel's `out` mesh axes and B's over its `in`
+    mesh axes, so each adapter (and its optimizer state) is split over every axis its kernel uses.
     """
     lead = a_ndim + b_ndim - 2 - k_ndim
     n_in = a_ndim - 1 - lead
@@ -189,8 +191,14 @@ def _lora_specs(kernel_spec, k_ndim: int, a_ndim: int, b_ndim: int, where: str):
         raise ValueError(f"{where}: LoRA shapes of rank {a_ndim} (lora_a) and {b_ndim} (lora_b) do not "
                          f"factor a rank-{k_ndim} kernel as (lead..., in..., out...)")
     ks = tuple(kernel_spec) + (None,) * (k_ndim - len(tuple(kernel_spec)))
-    a = ks[:lead + n_in] + (None,)
-    b = ks[:lead] + (None,) + ks[lead + n_in:]
+    def merged(entries):
+        axes = tuple(a for e in entries for a in _entry_axes(e))
+        return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+    a_rank = merged(ks[lead + n_in:]) if split_rank else None
+    b_rank = merged(ks[lead:lead + n_in]) if split_rank else None
+    a = ks[:lead + n_in] + (a_rank,)
+    b = ks[:lead] + (b_rank,) + ks[lead + n_in:]
     return _spec(a), _spec(b)
 
 
@@ -200,7 +208,7 @@ def _shape(x) -> tuple[int, ...] | None:
     return tuple(x.shape) if hasattr(x, "shape") else None
 
 
-def lora_sharding(specs, params=None):
+def lora_sharding(specs, params=None, *, split_rank: bool = False):
     """Spec tree with every `lora_a` / `lora_b` spec derived from its sibling `kernel` spec.
 
     specs: nested dicts (a Linen params tree's layout) of PartitionSpecs over dense shapes.
@@ -208,8 +216,11 @@ def lora_sharding(specs, params=None):
       find which kernel axes are `in` and which are `out` for kernels of any rank: lora_a is
       `(lead..., in..., r)` and lora_b `(lead..., r, out...)` (lead: stacked-layer axes).
       Without it, the kernel is taken as `(in, out)` with leading axes stacked.
-    Returns a new spec tree: lora_a split like the kernel's `in` axes, lora_b like its `out`
-    axes, the rank axis replicated, so `x @ A @ B` needs no resharding of the adapters.
+    split_rank: False (default): the rank axis is replicated, so `x @ A @ B` needs no
+      resharding of the adapters, but each adapter is split over only one of its kernel's mesh
+      axes. True: A's rank axis is also split over the kernel's `out` mesh axes and B's over its
+      `in` axes (FSDP over the adapters and their optimizer state; r must divide evenly).
+    Returns a new spec tree: lora_a split like the kernel's `in` axes, lora_b like its `out` axes.
     """
     def walk(s, p, where):
         if not isinstance(s, Mapping):
@@ -226,7 +237,7 @@ def lora_sharding(specs, params=None):
             else:
                 k_nd = max(len(tuple(kspec)), 2)
                 a_nd = b_nd = k_nd
-            a, b = _lora_specs(kspec, k_nd, a_nd, b_nd, where or "params")
+            a, b = _lora_specs(kspec, k_nd, a_nd, b_nd, where or "params", split_rank)
             if LORA_A in s:
                 out[LORA_A] = a
             if LORA_B in s:
@@ -257,18 +268,19 @@ def resolve_specs(tree, spec):
     return spec
 
 
-def params_sharding(tree, mesh, spec, *, lora: bool = True):
+def params_sharding(tree, mesh, spec, *, lora: bool | str = True):
     """The sharding tree for a (partly) quantized params tree on `mesh`.
 
     tree: params pytree; leaves arrays, ShapeDtypeStructs or QuantizedArrays.
     spec: pytree of PartitionSpecs over the dense shapes, or a callable `(path, leaf) ->
       PartitionSpec` (see `resolve_specs`). lora: derive lora_a / lora_b specs from their
-      sibling kernel (`lora_sharding`), overriding what spec says for them.
+      sibling kernel (`lora_sharding`), overriding what spec says for them; "split_rank" also
+      splits the rank axes (`lora_sharding(..., split_rank=True)`); False keeps spec's.
     Returns a pytree like `tree` of NamedShardings (QuantizedArray nodes hold a sharding per child).
     """
     specs = resolve_specs(tree, spec)
     if lora:
-        specs = lora_sharding(specs, tree)
+        specs = lora_sharding(specs, tree, split_rank=(lora == "split_rank"))
 
     def one(s, x, path=""):
         if is_quantized(x):
@@ -295,7 +307,7 @@ def params_sharding(tree, mesh, spec, *, lora: bool = True):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def shard_params(tree, mesh, spec, *, lora: bool = True):
+def shard_params(tree, mesh, spec, *, lora: bool | str = True):
     """`tree` placed on `mesh`: each device gets its slice of every array and of the packed codes.
 
     See `params_sharding` for spec and lora. Works for Auto and Explicit mesh axes.
@@ -325,6 +337,24 @@ def quantize_params_sharded(params, mesh, spec, config=None):
     # a no-op for inputs already sharded so; otherwise each device receives only its slice
     params = jax.device_put(params, in_sh)
     return jax.jit(fn, out_shardings=out_sh)(params)
+
+
+def with_sharding_constraint(tree, mesh, spec):
+    """`jax.lax.with_sharding_constraint` for arrays, QuantizedArrays or trees of them.
+
+    spec: a PartitionSpec over the dense shape (for a single array or QuantizedArray), or a
+    spec tree / callable as in `params_sharding`. Use it inside `jit` to say where a sharded
+    weight is gathered: constraining an FSDP-stored kernel `P("data", "model")` to its compute
+    layout `P(None, "model")` right before `qmatmul` makes XLA all-gather the packed codes
+    (4 bits a weight) instead of the dequantized weight it would otherwise pick.
+    """
+    if spec is None or isinstance(spec, PartitionSpec):
+        if is_quantized(tree):
+            return jax.lax.with_sharding_constraint(tree, _quantized_sharding(tree, spec, mesh))
+        if hasattr(tree, "shape"):
+            entries = _normalize(spec, len(tree.shape), mesh, f"array shape={tuple(tree.shape)}")
+            return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, _spec(entries)))
+    return jax.lax.with_sharding_constraint(tree, params_sharding(tree, mesh, spec, lora=False))
 
 
 def optimizer_sharding(optimizer, params, shardings, mesh=None):

@@ -124,3 +124,20 @@ def test_orbax_restores_onto_a_smaller_mesh(rng, tmp_path):
     assert restored["layer"]["lora_a"].sharding.spec == P("data")  # derived from the kernel's `in`
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fsdp_constraint_gathers_codes_not_dense_weights(rng):
+    mesh = make_mesh()
+    q = qjax.quantize(_weight(rng, (512, 1024)), "nf4", blocksize=64, double_quant=True)
+    qs = qjax.shard_params({"w": q}, mesh, {"w": P("data", "model")})["w"]  # stored FSDP x TP
+    x = jnp.asarray(rng.standard_normal((16, 512)).astype(np.float32))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+
+    def f(x, w):  # compute layout: gathered over data, still split over model
+        return qjax.qmatmul(x, qjax.with_sharding_constraint(w, mesh, P(None, "model")))
+
+    text = jax.jit(f).lower(xs, qs).compile().as_text()
+    results = [ln.split("=", 1)[1].split("all-gather")[0] for ln in hlo_collectives(text)]
+    assert any("u8[" in r for r in results), results  # the FSDP gather moves 4-bit codes ...
+    assert not [r for r in results if "f32[512" in r or "bf16[512" in r], results  # ... never dense weights
+    np.testing.assert_allclose(jax.jit(f)(xs, qs), qjax.qmatmul(x, q), rtol=1e-5, atol=1e-5)
