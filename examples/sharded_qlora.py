@@ -56,10 +56,16 @@ def init_dense(key, d, layers=2):
     return params
 
 
-def forward(lora, frozen, x, layers=2):
+# compute layouts: the kernels gathered over `data` (FSDP) but still split over `model`
+COMPUTE = {"up": P(None, "model"), "down": P("model", None)}
+
+
+def forward(lora, frozen, x, mesh, layers=2):
     def dense(h, name):
         p = {**frozen[name], **lora[name]}
-        return qjax.qmatmul(h, p["kernel"]) + (h @ p["lora_a"]) @ p["lora_b"] * 2.0
+        # gather the 4-bit codes here (not the dequantized weight XLA would otherwise pick)
+        kernel = qjax.with_sharding_constraint(p["kernel"], mesh, COMPUTE[name.split("_")[1]])
+        return qjax.qmatmul(h, kernel) + (h @ p["lora_a"]) @ p["lora_b"] * 2.0
 
     h = x
     for i in range(layers):
@@ -111,7 +117,7 @@ def main():
 
     @jax.jit
     def step(lora, opt_state, frozen, x, y):
-        loss, grads = jax.value_and_grad(lambda l: jnp.mean((forward(l, frozen, x) - y) ** 2))(lora)
+        loss, grads = jax.value_and_grad(lambda l: jnp.mean((forward(l, frozen, x, mesh) - y) ** 2))(lora)
         updates, opt_state = opt.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state, loss
 
