@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import PartitionSpec
+from jax.sharding import AxisType, PartitionSpec
 
 from qjax._src.qarray import QuantizedArray, is_quantized
 from qjax._src.qmatmul import qmatmul
@@ -28,18 +28,45 @@ def _local_absmax(codes, nested, offset, leaf_spec, full_shape):
     return decode_absmax(codes, nested, offset, flat_index(codes.shape, origin, full_shape))
 
 
-def qmatmul_sharded(x, q: QuantizedArray, mesh, spec, *, x_spec=None, **qmatmul_kwargs):
+def _explicit_spec(a):
+    """(mesh, spec) of an array whose sharding is in its type (Explicit mesh axes), else (None, None)."""
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or getattr(mesh, "empty", True) or not any(
+            t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return None, None
+    return mesh, sharding.spec
+
+
+def _weight_spec_from_codes(q: QuantizedArray, packed_spec) -> PartitionSpec:
+    """The logical (K, N) spec a QuantizedArray's codes spec comes from (inverse of the layout rule)."""
+    entries = tuple(packed_spec) + (None,) * (np.ndim(q.packed) - len(tuple(packed_spec)))
+    storage = entries if len(entries) == 2 else (entries[0], None)  # flat codes: leading storage axis
+    return _spec(storage[::-1] if q.transposed else storage)
+
+
+def qmatmul_sharded(x, q: QuantizedArray, mesh=None, spec=None, *, x_spec=None, **qmatmul_kwargs):
     """x (..., K) @ q (K, N) -> (..., N), computed shard by shard under `jax.shard_map`.
 
     mesh: a Mesh (Auto or Explicit axes). spec: PartitionSpec of the weight over its logical
     (K, N) axes, as given to `shard_params`. x_spec: PartitionSpec of x (default: replicated
-    batch, K split like the weight's K). The output is split like x's batch axes and the
+    batch, K split like the weight's K). On a mesh with Explicit axes the shardings are part of
+    the arrays' types, and mesh, spec and x_spec default to what the types say. The output is split like x's batch axes and the
     weight's N axis; a split K is reduced with `psum`. The codes are never gathered.
     Extra keyword arguments go to `qmatmul` (compute_dtype, backend, interpret, precision).
     Raises ValueError if x_spec splits K differently from the weight, or reuses N's mesh axes.
     """
     if not is_quantized(q) or q.ndim != 2:
         raise ValueError(f"qmatmul_sharded needs a 2-D QuantizedArray (K, N), got {q!r}")
+    if mesh is None or spec is None:
+        typed_mesh, packed_spec = _explicit_spec(q.packed)
+        if typed_mesh is None:
+            raise ValueError("qmatmul_sharded needs mesh= and spec= (the weight's PartitionSpec over (K, N)): "
+                             "only arrays on a mesh with Explicit axes carry their sharding in their type")
+        mesh = mesh if mesh is not None else typed_mesh
+        spec = spec if spec is not None else _weight_spec_from_codes(q, packed_spec)
+        if x_spec is None:
+            x_spec = _explicit_spec(x)[1]
     k_entry, n_entry = _normalize(spec, 2, mesh, f"weight spec for {q!r}")
     if x_spec is None:
         x_spec = PartitionSpec(*([None] * (x.ndim - 1)), k_entry)

@@ -141,3 +141,17 @@ def test_fsdp_constraint_gathers_codes_not_dense_weights(rng):
     assert any("u8[" in r for r in results), results  # the FSDP gather moves 4-bit codes ...
     assert not [r for r in results if "f32[512" in r or "bf16[512" in r], results  # ... never dense weights
     np.testing.assert_allclose(jax.jit(f)(xs, qs), qjax.qmatmul(x, q), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_qmatmul_sharded_reads_explicit_shardings_from_types(rng, transposed):
+    mesh = make_mesh(explicit=True)
+    q = qjax.quantize(_weight(rng), "nf4", blocksize=64, double_quant=True, transposed=transposed)
+    qs = qjax.shard_params({"w": q}, mesh, {"w": P("model", "data")})["w"]
+    x = jnp.asarray(rng.standard_normal((8, 256)).astype(np.float32))
+    xs = jax.device_put(x, NamedSharding(mesh, P(None, "model")))
+    y = jax.jit(qjax.qmatmul_sharded)(xs, qs)  # mesh, spec and x_spec from the arrays' types
+    assert y.sharding.spec == P(None, "data")
+    np.testing.assert_allclose(y, qjax.qmatmul(x, q), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs mesh= and spec="):
+        qjax.qmatmul_sharded(x, q)
