@@ -167,3 +167,18 @@ def test_split_rank_spreads_adapters_over_both_axes():
     sh = qjax.params_sharding(tree, MESH, lambda path, leaf: P("data", "model") if path == "kernel" else None,
                               lora="split_rank")
     assert sh["lora_a"].spec == P("data", "model") and sh["lora_b"].spec == P("data", "model")
+
+
+def test_stacked_layers_from_vmap_take_a_spec_over_L_in_out():
+    w = jax.ShapeDtypeStruct((3, 256, 512), jnp.float32)
+    stacked = jax.eval_shape(jax.vmap(lambda x: qjax.quantize(x, "nf4", blocksize=64, double_quant=True)), w)
+    assert stacked.shape == (256, 512) and stacked.packed.shape == (3, 256, 256)
+    tree = {"kernel": stacked, "lora_a": jax.ShapeDtypeStruct((3, 256, 8), jnp.float32),
+            "lora_b": jax.ShapeDtypeStruct((3, 8, 512), jnp.float32)}
+    sh = qjax.params_sharding(tree, MESH, {"kernel": P(None, "data", "model"), "lora_a": None, "lora_b": None})
+    assert specs_of(sh["kernel"]) == {"packed": P(None, "data", "model"), "absmax": P(None, "data", "model"),
+                                      "nested_absmax": P(None), "offset": P(None)}
+    assert sh["lora_a"].spec == P(None, "data") and sh["lora_b"].spec == P(None, None, "model")
+    with pytest.raises(ValueError, match="cut a block"):
+        qjax.params_sharding(tree, MESH, {"kernel": P(None, None, ("data", "model")), "lora_a": None,
+                                          "lora_b": None})

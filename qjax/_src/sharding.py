@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qjax._src import formats
 from qjax._src.policy import path_str
-from qjax._src.qarray import QuantizedArray, _swap_last2, is_quantized, is_structured
+from qjax._src.qarray import QuantizedArray, _swap_last2, is_quantized, is_structured, leaf_shapes
 
 SpecLike = Any  # PartitionSpec | None
 LORA_A, LORA_B, KERNEL = "lora_a", "lora_b", "kernel"
@@ -89,15 +89,40 @@ def _check_even(dim: int, size: int, shards: int, entry, what: str) -> None:
 # ----------------------------------------------------------------------------- QuantizedArray
 
 
+def stacked_axes(q: QuantizedArray) -> int:
+    """How many leading axes q's leaves have beyond its static shape's layout.
+
+    `jax.vmap(quantize)` over L layers gives leaves `(L, ...)` with the static shape of one
+    layer: the stacked form that `lax.scan` over layers slices.
+    """
+    expected = leaf_shapes(q.shape, q.format, q.blocksize, q.transposed, q.double_quant)["packed"]
+    lead = np.ndim(q.packed) - len(expected)
+    if lead < 0 or tuple(np.shape(q.packed))[lead:] != tuple(expected):
+        raise ValueError(f"{q!r} has codes of shape {tuple(np.shape(q.packed))}, which is neither {expected} "
+                         "nor that shape under stacked leading axes")
+    return lead
+
+
 def quantized_leaf_specs(q: QuantizedArray, spec: SpecLike, mesh, what: str = "") -> dict:
     """PartitionSpecs of q's children for a spec written over q's logical (dense) shape.
 
-    q: a QuantizedArray (its leaves may be arrays or ShapeDtypeStructs; only static data is read).
+    q: a QuantizedArray (its leaves may be arrays or ShapeDtypeStructs; only static data is read),
+      possibly stacked (`stacked_axes`): then spec covers the stacked axes first, `(L, in, out)`.
     spec: PartitionSpec (or None: replicated) over `q.shape`. mesh: a Mesh or AbstractMesh.
     Returns {"packed", "absmax", "nested_absmax", "offset"} -> PartitionSpec or None (no leaf).
     Raises ValueError when a block would straddle two shards, naming the splits that work.
     """
     what = what or repr(q)
+    lead = stacked_axes(q)
+    if lead:
+        entries = _normalize(spec, lead + q.ndim, mesh, what)
+        for d in range(lead):
+            _check_even(d, np.shape(q.packed)[d], _shards(mesh, entries[d]), entries[d], what)
+        one = q.replace(packed=jax.ShapeDtypeStruct(np.shape(q.packed)[lead:], q.packed.dtype))
+        inner = quantized_leaf_specs(one, _spec(entries[lead:]), mesh, what)
+        # nested statistics of a stack are per layer, (L, n) and (L,): split like the stacked axes
+        return {k: (None if v is None else PartitionSpec(*entries[:lead], *tuple(v)))
+                for k, v in inner.items()}
     logical = _normalize(spec, q.ndim, mesh, what)
     storage_shape = q.storage_shape
     storage = _swap_last2(logical) if q.transposed else logical
@@ -233,7 +258,8 @@ def lora_sharding(specs, params=None, *, split_rank: bool = False):
             pa = p.get(LORA_A) if isinstance(p, Mapping) else None
             pb = p.get(LORA_B) if isinstance(p, Mapping) else None
             if pk is not None and pa is not None and pb is not None:
-                k_nd, a_nd, b_nd = len(_shape(pk) or ()), len(_shape(pa)), len(_shape(pb))
+                k_nd = len(_shape(pk) or ()) + (stacked_axes(pk) if is_quantized(pk) else 0)
+                a_nd, b_nd = len(_shape(pa)), len(_shape(pb))
             else:
                 k_nd = max(len(tuple(kspec)), 2)
                 a_nd = b_nd = k_nd
