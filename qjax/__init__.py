@@ -1,6 +1,7 @@
 """qjax: QLoRA for JAX. Quantized arrays bit-identical to bitsandbytes, fused kernels, Flax adapters."""
 
-from qjax import interop
+from qjax import checkpoint, interop, linen, nnx, optim
+from qjax._src.kbit import prepare_for_kbit_training, upcast_half_params
 from qjax._src.footprint import Footprint, memory_footprint
 from qjax._src.formats import BLOCKSIZES, FORMATS
 from qjax._src.lora_config import LoraConfig
@@ -23,8 +24,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantizedArray",
-    "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized",
-    "lora_sharding", "memory_footprint", "optimizer_sharding", "params_sharding", "qmatmul", "qmatmul_sharded", "quantize",
-    "quantize_blockwise", "quantize_params", "quantize_params_sharded", "quantized_sharding", "shard_params",
+    "checkpoint", "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized",
+    "linen", "lora_sharding", "memory_footprint", "nnx", "optim", "optimizer_sharding", "params_sharding",
+    "prepare_for_kbit_training", "qmatmul", "qmatmul_sharded", "quantize", "quantize_blockwise",
+    "quantize_params", "quantize_params_sharded", "quantized_sharding", "shard_params", "upcast_half_params",
     "with_sharding_constraint",
 ]

@@ -107,7 +107,10 @@ def from_bnb_state_dict(packed_weight, state_dict, *, transposed: bool = False) 
         raise ValueError(f"quant_map differs from bitsandbytes' {fmt} code; custom maps are not supported")
     nested = offset = None
     if double_quant:
-        nested = np.asarray(sd["nested_absmax"], dtype=np.float32).reshape(expected["nested_absmax"])
+        nested = np.asarray(sd["nested_absmax"], dtype=np.float32)
+        if nested.shape != expected["nested_absmax"]:
+            raise ValueError(f"{_describe('nested_absmax', nested)} does not match {len(absmax)} absmax codes: "
+                             f"expected shape {expected['nested_absmax']}")
         offset = np.asarray(blob["nested_offset"], dtype=np.float32)
     q = QuantizedArray(packed=packed.reshape(expected["packed"]), absmax=absmax.reshape(expected["absmax"]),
                        nested_absmax=nested, offset=offset, format=fmt, blocksize=blocksize, shape=shape,

@@ -96,8 +96,9 @@ def memory_footprint(tree) -> Footprint:
     for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]:
         name = path_str(path)
         if isinstance(x, QuantizedArray):
-            rows.append(LeafFootprint(name, "quantized", tuple(x.shape), np.dtype(x.dtype).name,
-                                      x.format, x.size, x.nbytes))
+            stack = x.stack_shape
+            rows.append(LeafFootprint(name, "quantized", stack + tuple(x.shape), np.dtype(x.dtype).name,
+                                      x.format, x.size * math.prod(stack), x.nbytes))
         elif hasattr(x, "dtype") and hasattr(x, "shape"):
             rows.append(LeafFootprint(name, "dense", tuple(np.shape(x)), np.dtype(x.dtype).name,
                                       None, math.prod(np.shape(x)), _nbytes(x)))

@@ -70,6 +70,15 @@ class QuantizedArray:
         return num_blocks(self.storage_shape, self.blocksize)
 
     @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """Leading axes of stacked layers (`jax.vmap` of quantize, scanned models); () for one array.
+
+        `shape` is one layer's logical shape; the children carry these extra leading axes.
+        """
+        expected = leaf_shapes(self.shape, self.format, self.blocksize, self.transposed)["packed"]
+        return tuple(np.shape(self.packed))[: np.ndim(self.packed) - len(expected)]
+
+    @property
     def T(self) -> "QuantizedArray":
         """The transpose of the last two axes; a view that moves no bytes."""
         if self.ndim < 2:
@@ -78,7 +87,7 @@ class QuantizedArray:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every leaf: codes, statistics and nested statistics."""
+        """Bytes of every leaf: codes, statistics and nested statistics (all stacked layers)."""
         return sum(_leaf_nbytes(x) for x in jax.tree_util.tree_leaves(self))
 
     def replace(self, **changes) -> "QuantizedArray":
@@ -87,7 +96,8 @@ class QuantizedArray:
     def __repr__(self) -> str:
         nested = ", double_quant" if self.nested_absmax is not None else ""
         t = ", transposed" if self.transposed else ""
-        return (f"QuantizedArray(format={self.format!r}, shape={self.shape}, "
+        stacked = f", stack_shape={self.stack_shape}" if self.stack_shape else ""
+        return (f"QuantizedArray(format={self.format!r}, shape={self.shape}{stacked}, "
                 f"dtype={np.dtype(self.dtype).name}, blocksize={self.blocksize}{nested}{t})")
 
 

@@ -286,9 +286,9 @@ def _quantize_int8(stored, blocksize, transposed: bool):
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
     scale = jnp.where(absmax > 0, 127.0 / absmax, 0.0)
     codes = jnp.round(blocks * scale[..., None]).astype(jnp.int8)
-    if not is_structured(shape, "int8", blocksize):
-        codes = codes.reshape(-1)[: math.prod(shape)]
-    return codes, absmax
+    if is_structured(shape, "int8", blocksize):
+        return codes.reshape(shape), absmax
+    return codes.reshape(-1)[: math.prod(shape)], absmax
 
 
 def _nest(absmax):
@@ -412,9 +412,12 @@ def _dequantize(q: QuantizedArray, dtype) -> jax.Array:
 def dequantize(q: QuantizedArray, dtype=None) -> jax.Array:
     """The dense array of `q`: `code[idx] * absmax` in float32, rounded to `dtype`.
 
-    q: QuantizedArray of logical shape S. dtype: output dtype (default `q.dtype`).
-    Returns an array of shape S. Equals bitsandbytes' `dequantize_4bit` bit for bit.
+    q: QuantizedArray of logical shape S (stacked: leaves with leading axes L).
+    dtype: output dtype (default `q.dtype`). Returns an array of shape S (stacked: L + S). Equals bitsandbytes' `dequantize_4bit` bit for bit.
     """
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"dequantize needs a QuantizedArray, got {type(q).__name__}")
-    return _dequantize(q, np.dtype(dtype if dtype is not None else q.dtype))
+    fn = functools.partial(_dequantize, dtype=np.dtype(dtype if dtype is not None else q.dtype))
+    for _ in q.stack_shape:  # stacked layers: one dequantization per layer
+        fn = jax.vmap(fn)
+    return fn(q)

@@ -90,11 +90,7 @@ def _check_even(dim: int, size: int, shards: int, entry, what: str) -> None:
 
 
 def stacked_axes(q: QuantizedArray) -> int:
-    """How many leading axes q's leaves have beyond its static shape's layout.
-
-    `jax.vmap(quantize)` over L layers gives leaves `(L, ...)` with the static shape of one
-    layer: the stacked form that `lax.scan` over layers slices.
-    """
+    """How many leading stacked-layer axes q's children carry (`len(q.stack_shape)`), checked."""
     expected = leaf_shapes(q.shape, q.format, q.blocksize, q.transposed, q.double_quant)["packed"]
     lead = np.ndim(q.packed) - len(expected)
     if lead < 0 or tuple(np.shape(q.packed))[lead:] != tuple(expected):

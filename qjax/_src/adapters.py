@@ -1,0 +1,141 @@
+"""Finding LoRA adapters in a variables tree or an NNX model, and putting them back.
+
+Adapters are the leaves named `lora_a` (in, r) and `lora_b` (r, out); their module is
+the path above them. Works over plain nested dicts (Linen variables), `nnx.State`, and
+NNX modules (read with `nnx.state`, written with `nnx.update`), without importing the
+Flax modules that create them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from qjax._src.qarray import is_quantized
+
+ADAPTER_NAMES = ("lora_a", "lora_b")
+
+Path = tuple  # of str (dict keys / attribute names) and int (sequence indices)
+
+
+def _key(k):
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return k
+
+
+def key_path(path) -> Path:
+    """A jax key path as a tuple of plain keys: ("params", "layers_0", "lora_a")."""
+    return tuple(_key(k) for k in path)
+
+
+def is_nnx_module(x) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, nnx.Module)
+
+
+def _is_adapter_path(path) -> bool:
+    return bool(path) and str(path[-1]) in ADAPTER_NAMES
+
+
+def as_tree(variables_or_model) -> Any:
+    """The tree to read: the module's `nnx.state` adapters as a pure dict, or the tree itself."""
+    if is_nnx_module(variables_or_model):
+        from flax import nnx
+        return _to_pure(nnx.state(variables_or_model, lambda path, _: _is_adapter_path(path)))
+    if hasattr(variables_or_model, "to_pure_dict"):  # nnx.State
+        return _to_pure(variables_or_model)
+    return variables_or_model
+
+
+def _to_pure(state):
+    from flax import nnx
+    return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+
+
+def flat_adapters(variables_or_model) -> dict[Path, Any]:
+    """{path: array} for every `lora_a` / `lora_b` leaf, in tree order.
+
+    Raises ValueError when there is none (naming what was searched).
+    """
+    tree = as_tree(variables_or_model)
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
+    out = {key_path(p): x for p, x in leaves if _is_adapter_path(key_path(p))}
+    if not out:
+        raise ValueError(f"found no adapters (leaves named {ADAPTER_NAMES}) in the given "
+                         f"{type(variables_or_model).__name__}; convert the model to QLoRA first")
+    return out
+
+
+def modules(flat: dict[Path, Any]) -> dict[Path, dict[str, Any]]:
+    """Groups adapters by module path: {module_path: {"lora_a": A, "lora_b": B}}.
+
+    Raises ValueError for a module with only one of the pair or with inconsistent shapes.
+    """
+    groups: dict[Path, dict[str, Any]] = {}
+    for path, x in flat.items():
+        groups.setdefault(path[:-1], {})[str(path[-1])] = x
+    for mod, pair in groups.items():
+        name = "/".join(map(str, mod))
+        if set(pair) != set(ADAPTER_NAMES):
+            raise ValueError(f"module {name!r} has {sorted(pair)}; an adapter needs both lora_a and lora_b")
+        a, b = np.shape(pair["lora_a"]), np.shape(pair["lora_b"])
+        if len(a) < 2 or len(b) < 2 or a[-1] != b[0]:
+            raise ValueError(f"module {name!r}: lora_a shape={a} and lora_b shape={b} do not chain "
+                             "as (in, r) @ (r, out)")
+    return groups
+
+
+def nest(flat: dict[Path, Any]) -> dict:
+    """{("a", "b"): x} -> {"a": {"b": x}} (keys made str, as orbax stores them)."""
+    out: dict = {}
+    for path, x in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(str(k), {})
+        node[str(path[-1])] = x
+    return out
+
+
+def lookup(tree, path: Path):
+    """tree[path[0]][path[1]]..., matching a str key to an int index and back."""
+    node = tree
+    for k in path:
+        if isinstance(node, (list, tuple)):
+            node = node[int(k)]
+        elif k in node:
+            node = node[k]
+        elif str(k) in node:
+            node = node[str(k)]
+        else:
+            node = node[int(k)]
+    return node
+
+
+def replace_adapters(variables_or_model, new: dict[Path, Any]):
+    """A copy of the tree with the adapters at `new`'s paths replaced (an NNX model: in place)."""
+    if is_nnx_module(variables_or_model):
+        from flax import nnx
+        model = variables_or_model
+        state = nnx.state(model, lambda path, _: _is_adapter_path(path))
+        pure = _to_pure(state)
+        for path, x in new.items():
+            parent = lookup(pure, path[:-1])
+            parent[path[-1] if path[-1] in parent else str(path[-1])] = x
+        if hasattr(nnx, "replace_by_pure_dict"):
+            nnx.replace_by_pure_dict(state, pure)
+        else:
+            state.replace_by_pure_dict(pure)
+        nnx.update(model, state)
+        return model
+
+    def visit(path, x):
+        return new.get(key_path(path), x)
+
+    return jax.tree_util.tree_map_with_path(visit, variables_or_model, is_leaf=is_quantized)

@@ -1,0 +1,327 @@
+"""`qjax.linen.convert` / `merge`: an existing Linen model to its QLoRA version and back."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import threading
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.core import unfreeze
+
+from qjax._src import lora as L
+from qjax._src.linen_lora import LayerSpec, _call, _tuple
+from qjax._src.lora_config import LoraConfig
+from qjax._src.policy import QuantConfig, path_str
+from qjax._src.qarray import is_quantized
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionSpec:
+    """What `convert` did: the converted layers and the configs their calls use (static, hashable)."""
+
+    layers: tuple[LayerSpec, ...]
+    lora_config: LoraConfig | None
+    quant_config: QuantConfig | None
+    backend: str = "auto"
+
+    def layer(self, path: str) -> LayerSpec | None:
+        return self._by_path.get(path)
+
+    @property
+    def _by_path(self) -> dict[str, LayerSpec]:
+        return {layer.path: layer for layer in self.layers}
+
+
+# ----------------------------------------------------------------------------- interception
+
+_active = threading.local()
+
+
+def _rel_path(module: nn.Module, root: tuple[str, ...]) -> str | None:
+    if module.scope is None:
+        return None
+    path = tuple(module.scope.path)
+    if path[:len(root)] != root:
+        return None
+    return "/".join(path[len(root):])
+
+
+def _make_interceptor(spec: ConversionSpec, root: tuple[str, ...]):
+    by_path = spec._by_path
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        rel = _rel_path(module, root)
+        layer = by_path.get(rel) if rel is not None else None
+        if layer is None:
+            return next_fun(*args, **kwargs)
+        if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+            raise TypeError(f"{rel!r} was converted as a linear layer, but the module called there is a "
+                            f"{type(module).__name__}; exclude it (LoraConfig.exclude / QuantConfig.skip)")
+        if isinstance(module, nn.DenseGeneral) and module.batch_dims:
+            raise NotImplementedError(f"{rel!r}: nn.DenseGeneral with batch_dims is not supported")
+        inputs = args[0] if args else kwargs["inputs"]
+        general = isinstance(module, nn.DenseGeneral)
+        return _call(module, inputs, axis=module.axis if general else -1, features=module.features,
+                     kernel_init=module.kernel_init, lora=spec.lora_config if layer.lora else None,
+                     quant=spec.quant_config if layer.quantized else None, backend=spec.backend,
+                     flat_kernel_init=general)
+
+    return interceptor
+
+
+def _wrap_method(cls, name: str):
+    original = getattr(cls, name)
+
+    def method(self, *args, **kwargs):
+        spec = type(self)._qjax_spec
+        root = tuple(self.scope.path) if self.scope is not None else ()
+        key = (id(spec), root)
+        stack = getattr(_active, "keys", None)
+        if stack is None:
+            stack = _active.keys = []
+        if key in stack:  # a wrapped method calling another one: already intercepting
+            return original(self, *args, **kwargs)
+        stack.append(key)
+        try:
+            with nn.intercept_methods(_make_interceptor(spec, root)):
+                return original(self, *args, **kwargs)
+        finally:
+            stack.pop()
+
+    method.__name__ = name
+    method.__qualname__ = f"QLoRA{cls.__qualname__}.{name}"
+    method.__doc__ = original.__doc__
+    return method
+
+
+def _public_methods(cls) -> list[str]:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        for name, value in vars(klass).items():
+            if not inspect.isfunction(value) or name in names or name in fields or name == "setup":
+                continue
+            if name == "__call__" or not name.startswith("_"):
+                names.append(name)
+    return names
+
+
+def _converted_class(cls, spec: ConversionSpec):
+    ns = {"_qjax_spec": spec, "_qjax_base_class": cls, "__module__": cls.__module__,
+          "__qualname__": f"QLoRA{cls.__qualname__}"}
+    for name in _public_methods(cls):
+        ns[name] = _wrap_method(cls, name)
+    return type(f"QLoRA{cls.__name__}", (cls,), ns)
+
+
+def _instantiate(cls, model: nn.Module) -> nn.Module:
+    kwargs = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+              if f.init and f.name not in ("parent", "name")}
+    return cls(**kwargs)
+
+
+def is_converted(model) -> bool:
+    return hasattr(type(model), "_qjax_spec")
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def _get(tree, path: Sequence[str]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path: Sequence[str], value):
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
+
+
+def _params_paths(params) -> list[tuple[str, Any]]:
+    """(module path, kernel) of every "kernel" leaf of the params tree."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
+        parts = path_str(path).split("/")
+        if parts[-1] == "kernel":
+            out.append(("/".join(parts[:-1]), leaf))
+    return out
+
+
+def _check_not_converted(model, params):
+    if is_converted(model):
+        raise ValueError(f"{type(model).__name__} is already converted by qjax.linen.convert; convert the "
+                         "original model (qjax.linen.merge gives it back)")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
+        name = path_str(path)
+        if is_quantized(leaf) or name.rsplit("/", 1)[-1] in ("lora_a", "lora_b"):
+            raise ValueError(f"params/{name} is already a QLoRA leaf ({'QuantizedArray' if is_quantized(leaf) else 'adapter'}); "
+                             "the variables are already converted")
+
+
+def _trace_layers(model, variables, inputs, method, params) -> list[LayerSpec]:
+    """Every Dense/DenseGeneral call of one abstract forward pass, with its exact shapes."""
+    found: dict[str, LayerSpec] = {}
+    problems: list[str] = []
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.DenseGeneral)):
+            rel = _rel_path(module, ())
+            x = args[0] if args else kwargs["inputs"]
+            if isinstance(module, nn.DenseGeneral):
+                if module.batch_dims:
+                    problems.append(f"{rel!r}: nn.DenseGeneral with batch_dims is not supported")
+                axis = tuple(a % x.ndim for a in _tuple(module.axis))
+                features = _tuple(module.features)
+            else:
+                axis, features = (x.ndim - 1,), (module.features,)
+            in_shape = tuple(x.shape[a] for a in axis)
+            stored = _get(params, rel.split("/") + ["kernel"]) if rel else params["kernel"]
+            lead = tuple(stored.shape[:stored.ndim - len(in_shape) - len(features)])
+            found.setdefault(rel, LayerSpec(rel, in_shape, tuple(features), lead))
+        return next_fun(*args, **kwargs)
+
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    rngs = {"dropout": jax.random.key(0), "params": jax.random.key(0)}
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v: model.apply(v, *args, method=method, mutable=True, rngs=rngs), variables)
+    if problems:
+        raise NotImplementedError("; ".join(problems))
+    return list(found.values())
+
+
+
+def _params_layers(params, explicit: bool) -> list[LayerSpec]:
+    """Layers read off the params tree: every rank-2 kernel is a (in, out) Dense."""
+    layers, skipped = [], []
+    for path, kernel in _params_paths(params):
+        if kernel.ndim == 2:
+            layers.append(LayerSpec(path, (kernel.shape[0],), (kernel.shape[1],)))
+        else:
+            skipped.append(f"{path} {tuple(kernel.shape)}")
+    if skipped:
+        msg = (f"kernels of rank != 2 ({', '.join(skipped)}) may be DenseGeneral, scanned or conv layers; "
+               "pass inputs=(example args,) to qjax.linen.convert so it can trace which they are")
+        if explicit:
+            raise ValueError("cannot tell the in/out axes of " + msg)
+        warnings.warn("not converted: " + msg, stacklevel=3)
+    return layers
+
+
+# ----------------------------------------------------------------------------- convert / merge
+
+
+def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraConfig(),
+            quant_config: QuantConfig | None = QuantConfig(), rng=None, *, inputs=None, method=None,
+            backend: str = "auto"):
+    """Turns a Linen model built from nn.Dense / nn.DenseGeneral layers into its QLoRA version.
+
+    model: the original (unbound) module. variables: its variables ({"params": ...}).
+    lora_config: which layers get adapters (None: none, quantization only).
+    quant_config: how kernels are quantized; a layer's kernel is quantized when
+      `quant_config.selects("params/<module path>/kernel")` (None: 16-bit LoRA, no quantization).
+    rng: jax key for the adapters' A matrices.
+    inputs: optional example positional args (a tuple, or one array) for `model.apply`. With them the
+      layers are found by tracing one abstract forward pass (exact: DenseGeneral axes, scanned
+      layers, Einsum/Conv told apart). Without them, every rank-2 `kernel` in the params is taken as
+      an (in, out) Dense and other kernels are left alone (with a warning).
+    method: the method `inputs` are for (default __call__). backend: qmatmul backend.
+    Returns (qlora_model, qlora_variables): qlora_model is an instance of a subclass of the model's
+    class (same fields and methods); qlora_variables has, at every converted layer, `kernel` as a
+    2-D QuantizedArray (prod(in), prod(out)) (with the stacked axes of scanned layers leading) and
+    float32 `lora_a` (*in, r) / `lora_b` (r, *out).
+    Raises ValueError (naming paths) for an already converted model or variables, a model with no
+    Dense layers, a target pattern that matches nothing, r larger than a layer's dimensions.
+    """
+    if lora_config is None and quant_config is None:
+        raise ValueError("convert needs a lora_config, a quant_config, or both")
+    variables = unfreeze(variables)
+    params = variables.get("params")
+    if not params:
+        raise ValueError("variables has no 'params' collection to convert")
+    _check_not_converted(model, params)
+    explicit = lora_config is not None and lora_config.target_modules != "all-linear"
+    layers = (_trace_layers(model, variables, inputs, method, params) if inputs is not None
+              else _params_layers(params, explicit))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no nn.Dense / nn.DenseGeneral layer with a kernel "
+                         "in its params; there is nothing to convert")
+    paths = [layer.path for layer in layers]
+    lora_paths = set(L.select_layers(paths, lora_config)) if lora_config is not None else set()
+    specs = []
+    for layer in layers:
+        quantized = quant_config is not None and quant_config.selects(f"params/{layer.path}/kernel") and \
+            int(jnp.size(_get(params, layer.path.split("/") + ["kernel"]))) >= quant_config.min_size
+        if layer.path in lora_paths:
+            L.check_rank(lora_config.r, layer.in_shape, layer.out_shape, f"params/{layer.path}")
+        if layer.path in lora_paths or quantized:
+            specs.append(dataclasses.replace(layer, lora=layer.path in lora_paths, quantized=quantized))
+    if not specs:
+        raise ValueError(f"no layer of {type(model).__name__} was selected for LoRA or quantization; "
+                         f"its linear layers are {paths}")
+    if any(s.lora for s in specs) and rng is None:
+        raise ValueError("convert needs rng (a jax key) to initialize the LoRA adapters")
+    keys = jax.random.split(rng, len(specs)) if rng is not None else [None] * len(specs)
+    for spec, key in zip(specs, keys):
+        where = spec.path.split("/")
+        kernel = _get(params, where + ["kernel"])
+        if spec.quantized:
+            try:
+                q = L.quantize_kernel(kernel, len(spec.in_shape), quant_config, lead=len(spec.lead))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"params/{spec.path}/kernel: {e}") from None
+            _set(params, where + ["kernel"], q)
+        if spec.lora:
+            a, b = L.init_adapters(key, spec.in_shape, spec.out_shape, lora_config.r, lora_config.init,
+                                   lead=spec.lead)
+            _set(params, where + ["lora_a"], a)
+            _set(params, where + ["lora_b"], b)
+    conv = ConversionSpec(tuple(specs), lora_config, quant_config, backend)
+    return _instantiate(_converted_class(type(model), conv), model), variables
+
+
+def merge(qlora_model: nn.Module, qlora_variables, dtype=None, *, requantize: QuantConfig | None = None):
+    """Folds `scaling * A @ B` into each converted kernel: PEFT's `merge_and_unload`.
+
+    Returns (model, variables): the original model class with plain dense kernels
+    (*lead, *in, *out) in `dtype` (default: each kernel's original dtype) and no adapters; with
+    `requantize`, a converted model without adapters whose merged kernels are quantized again.
+    """
+    if not is_converted(qlora_model):
+        raise ValueError(f"{type(qlora_model).__name__} is not a model converted by qjax.linen.convert")
+    spec: ConversionSpec = type(qlora_model)._qjax_spec
+    variables = unfreeze(qlora_variables)
+    params = variables["params"]
+    scaling = spec.lora_config.scaling if spec.lora_config is not None else 0.0
+    for layer in spec.layers:
+        where = layer.path.split("/")
+        node = _get(params, where)
+        kernel = node["kernel"]
+        a, b = node.pop("lora_a", None), node.pop("lora_b", None)
+        out_dtype = dtype or L.kernel_dtype(kernel)
+        fn = lambda k, a, b: L.merged_kernel(k, a, b, in_shape=layer.in_shape, out_shape=layer.out_shape,
+                                             scaling=scaling, dtype=out_dtype)
+        node["kernel"] = L.vmap_lead(fn, len(layer.lead))(kernel, a, b)
+    base_cls = type(qlora_model)._qjax_base_class
+    model = _instantiate(base_cls, qlora_model)
+    if requantize is None:
+        return model, variables
+    layers = tuple(dataclasses.replace(s, lora=False, quantized=True) for s in spec.layers)
+    for layer in layers:
+        where = layer.path.split("/") + ["kernel"]
+        _set(params, where, L.quantize_kernel(_get(params, where), len(layer.in_shape), requantize,
+                                              lead=len(layer.lead)))
+    conv = ConversionSpec(layers, None, requantize, spec.backend)
+    return _instantiate(_converted_class(base_cls, conv), model), variables

@@ -1,0 +1,158 @@
+"""Linen QLoRA: QLoRADense / QLoRADenseGeneral, and conversion of an existing model.
+
+Conversion does not rewrite the user's module classes. `convert` builds a subclass of the model's
+class whose public methods run the original ones inside `nn.intercept_methods`; the interceptor
+catches `nn.Dense` / `nn.DenseGeneral` calls at the converted paths and computes the QLoRA layer
+from the variables stored at that path (the 2-D QuantizedArray `kernel`, `bias`, `lora_a`,
+`lora_b`). Variable paths therefore stay those of the original model, for `setup` and `nn.compact`
+modules alike, and layers inside `nn.scan` / `nn.vmap` / `nn.remat` are caught as well (their
+variables carry the stacked leading axes; each layer's slice is quantized on its own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax.core import meta, unfreeze
+
+from qjax._src import lora as L
+from qjax._src.lora_config import LoraConfig
+from qjax._src.policy import QuantConfig, path_str
+from qjax._src.qarray import is_quantized
+
+_DENSE_TYPES = (nn.Dense, nn.DenseGeneral)
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """A converted layer: module path, in/out shapes of one layer, stacked leading axes, what it gets."""
+
+    path: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    lead: tuple[int, ...] = ()
+    lora: bool = True
+    quantized: bool = True
+
+
+# ----------------------------------------------------------------------------- the layer math
+
+
+def _tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, Sequence) else (x,)
+
+
+def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraConfig | None,
+          quant: QuantConfig | None, backend: str = "auto", deterministic: bool | None = None,
+          flat_kernel_init: bool = False):
+    """The QLoRA layer on a bound Dense-like module: reads/creates its variables with `module.param`."""
+    features = _tuple(features)
+    axis = tuple(a % inputs.ndim for a in _tuple(axis))
+    if axis != tuple(range(inputs.ndim - len(axis), inputs.ndim)):
+        # Contracted axes moved last: the output keeps the other axes in order, as DenseGeneral does.
+        inputs = jnp.moveaxis(inputs, axis, tuple(range(inputs.ndim - len(axis), inputs.ndim)))
+    n_in = len(axis)
+    in_shape = tuple(inputs.shape[inputs.ndim - n_in:])
+    where = "/".join(module.scope.path) or "<root>"
+
+    def kernel_init_fn(rng):
+        if flat_kernel_init:  # DenseGeneral initializes the flattened (K, N) kernel
+            w = kernel_init(rng, (int(np.prod(in_shape)), int(np.prod(features))), module.param_dtype)
+            w = jnp.reshape(w, in_shape + features)
+        else:
+            w = kernel_init(rng, in_shape + features, module.param_dtype)
+        w = meta.unbox(w)
+        return L.quantize_kernel(w, n_in, quant) if quant is not None else w
+
+    kernel = module.param("kernel", kernel_init_fn)
+    bias = module.param("bias", lambda rng: meta.unbox(module.bias_init(rng, features, module.param_dtype))) \
+        if module.use_bias else None
+    lora_a = lora_b = None
+    if lora is not None:
+        L.check_rank(lora.r, in_shape, features, where)
+        lora_a = module.param("lora_a", lambda rng: L.init_adapters(rng, in_shape, features, lora.r, lora.init)[0])
+        lora_b = module.param("lora_b", lambda rng: L.init_adapters(rng, in_shape, features, lora.r, lora.init)[1])
+    expected = (int(np.prod(in_shape)), int(np.prod(features))) if is_quantized(kernel) else in_shape + features
+    if tuple(kernel.shape) != expected:
+        raise ValueError(f"{where}: kernel has shape {tuple(kernel.shape)}, expected {expected} for inputs "
+                         f"of shape {inputs.shape} and features={features}")
+    param_dtype = L.kernel_dtype(kernel)
+    out_dtype = module.dtype or jnp.promote_types(inputs.dtype, param_dtype)
+    compute_dtype = (quant.compute_dtype if quant is not None and quant.compute_dtype is not None
+                     else out_dtype) if is_quantized(kernel) else out_dtype
+    key = None
+    if lora is not None and lora.dropout > 0 and not deterministic and module.has_rng("dropout"):
+        key = module.make_rng("dropout")
+    return L.lora_linear(inputs, kernel, bias, lora_a, lora_b, n_in=n_in, out_shape=features,
+                         scaling=lora.scaling if lora is not None else 0.0, compute_dtype=compute_dtype,
+                         out_dtype=out_dtype, precision=module.precision,
+                         dropout_rate=lora.dropout if lora is not None else 0.0, dropout_key=key,
+                         backend=backend)
+
+
+class QLoRADense(nn.Module):
+    """Drop-in for `nn.Dense` with a frozen quantized kernel and trainable LoRA adapters.
+
+    Fields as nn.Dense (`features`, `use_bias`, `dtype`, `param_dtype`, `precision`, `kernel_init`,
+    `bias_init`), plus `lora_config` (None: no adapters), `quant_config` (None: 16-bit LoRA, the
+    kernel stays dense), `backend` (qmatmul backend) and `deterministic` (None: LoRA dropout is on
+    when a 'dropout' rng is given).
+    Variables: params/kernel: QuantizedArray (in, features) (or dense); params/bias (features,);
+    params/lora_a (in, r); params/lora_b (r, features).
+    Call: inputs (..., in) -> (..., features) in `dtype` (default: promoted dtype of inputs and
+    param_dtype); the base matmul runs in `quant_config.compute_dtype`.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.linear.default_kernel_init
+    bias_init: Any = nn.initializers.zeros_init()
+    lora_config: LoraConfig | None = LoraConfig()
+    quant_config: QuantConfig | None = QuantConfig()
+    backend: str = "auto"
+    deterministic: bool | None = None
+
+    @nn.compact
+    def __call__(self, inputs):
+        return _call(self, inputs, axis=-1, features=self.features, kernel_init=self.kernel_init,
+                     lora=self.lora_config, quant=self.quant_config, backend=self.backend,
+                     deterministic=self.deterministic)
+
+
+class QLoRADenseGeneral(nn.Module):
+    """Drop-in for `nn.DenseGeneral` (no `batch_dims`): kernel (*in_axes, *features) quantized as 2-D.
+
+    Variables: params/kernel: QuantizedArray (prod(in_axes), prod(features)) (dense
+    (*in_axes, *features) with quant_config=None); params/bias (*features,);
+    params/lora_a (*in_axes, r); params/lora_b (r, *features).
+    Call: inputs with the `axis` axes contracted -> (..., *features).
+    """
+
+    features: int | Sequence[int]
+    axis: int | Sequence[int] = -1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.linear.default_kernel_init
+    bias_init: Any = nn.initializers.zeros_init()
+    lora_config: LoraConfig | None = LoraConfig()
+    quant_config: QuantConfig | None = QuantConfig()
+    backend: str = "auto"
+    deterministic: bool | None = None
+
+    @nn.compact
+    def __call__(self, inputs):
+        return _call(self, inputs, axis=self.axis, features=self.features, kernel_init=self.kernel_init,
+                     lora=self.lora_config, quant=self.quant_config, backend=self.backend,
+                     deterministic=self.deterministic, flat_kernel_init=True)

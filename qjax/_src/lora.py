@@ -1,0 +1,207 @@
+"""LoRA math shared by the Linen and NNX layers: pure functions of arrays, no Flax.
+
+A LoRA linear layer maps x (..., *in_shape) to (..., *out_shape) with a frozen base kernel W and
+trainable adapters A (*in_shape, r), B (r, *out_shape):
+
+    y = x . W  (+ bias)  +  scaling * dropout(x) . A . B
+
+The base kernel is either a dense array of shape (*in_shape, *out_shape) (16-bit LoRA) or a 2-D
+QuantizedArray (prod(in_shape), prod(out_shape)): kernels of rank > 2 (attention's
+(d_model, heads, head_dim)) are quantized over their flattened in/out axes, so the blocks and the
+fused matmul see an ordinary (K, N) matrix.  Stacked (scanned) layers carry `lead` extra leading
+axes on every leaf; `quantize_kernel` quantizes each layer's slice on its own so that slicing the
+stacked leaves along those axes gives each layer's QuantizedArray exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax._src.qarray import QuantizedArray, is_quantized
+from qjax._src.qmatmul import qmatmul
+from qjax._src.quantize import dequantize
+
+
+def _prod(shape: Sequence[int]) -> int:
+    return int(math.prod(shape))
+
+
+def check_rank(r: int, in_shape: Sequence[int], out_shape: Sequence[int], where: str) -> None:
+    """Raises ValueError unless 1 <= r <= min(prod(in_shape), prod(out_shape))."""
+    k, n = _prod(in_shape), _prod(out_shape)
+    if not 1 <= r <= min(k, n):
+        raise ValueError(f"{where}: LoRA rank r={r} must be in [1, min(in={k}, out={n})={min(k, n)}] "
+                         f"for a layer of in_shape={tuple(in_shape)} out_shape={tuple(out_shape)}; "
+                         "lower LoraConfig.r or exclude this layer")
+
+
+def init_adapters(key, in_shape: Sequence[int], out_shape: Sequence[int], r: int, init: str,
+                  dtype=jnp.float32, lead: Sequence[int] = ()):
+    """(lora_a (*lead, *in_shape, r), lora_b (*lead, r, *out_shape)) as PEFT initializes them.
+
+    init "default": A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's kaiming_uniform_(a=sqrt(5)),
+    PEFT's default), B = 0. "gaussian": A ~ N(0, 1/r^2), B = 0. Either way B = 0, so the adapted
+    layer starts out computing exactly what its base computes.
+    Raises NotImplementedError for "loftq" (it needs the base weight, see the LoftQ issue).
+    """
+    in_shape, out_shape, lead = tuple(in_shape), tuple(out_shape), tuple(lead)
+    a_shape = lead + in_shape + (r,)
+    if init == "default":
+        bound = 1.0 / math.sqrt(_prod(in_shape))
+        a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
+    elif init == "gaussian":
+        a = jax.random.normal(key, a_shape, jnp.float32) / r
+    elif init == "loftq":
+        raise NotImplementedError("LoraConfig(init='loftq') is not available yet; use 'default' or 'gaussian'")
+    else:
+        raise ValueError(f"Unknown LoRA init {init!r}. It needs to be one of ['default', 'gaussian', 'loftq'].")
+    b = jnp.zeros(lead + (r,) + out_shape, dtype)
+    return a.astype(dtype), b
+
+
+def quantize_kernel(kernel, n_in: int, quant_config, lead: int = 0) -> QuantizedArray:
+    """Quantizes a dense kernel (*lead, *in, *out) as a 2-D (prod(in), prod(out)) QuantizedArray.
+
+    With lead > 0 each layer's slice is quantized on its own (vmap), so every leaf gets the
+    leading axes and the static shape is that of one layer.
+    """
+    shape = tuple(kernel.shape)
+    in_shape, out_shape = shape[lead:lead + n_in], shape[lead + n_in:]
+    flat = jnp.reshape(kernel, shape[:lead] + (_prod(in_shape), _prod(out_shape)))
+    if lead == 0:
+        return quant_config.quantize(flat)
+    fn = quant_config.quantize
+    for _ in range(lead):
+        fn = jax.vmap(fn)
+    # The NaN/Inf check of `quantize` cannot run on traced slices; do it once on the whole kernel.
+    if not isinstance(kernel, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(kernel))):
+        raise ValueError(f"kernel of shape={shape} holds NaN/Inf values; quantizing it would give wrong codes")
+    return fn(flat)
+
+
+def base_matmul(x, kernel, *, n_in: int, out_shape: Sequence[int], compute_dtype, precision=None,
+                backend: str = "auto", interpret: bool = False):
+    """x (..., *in) . kernel -> (..., *out) in compute_dtype.
+
+    kernel: a 2-D QuantizedArray (K, N) (goes through `qmatmul`) or a dense (*in, *out) array
+    (contracted with `lax.dot_general` exactly as nn.Dense / nn.DenseGeneral do it).
+    """
+    batch = x.shape[:x.ndim - n_in]
+    if is_quantized(kernel):
+        x2 = jnp.reshape(x, batch + (_prod(x.shape[x.ndim - n_in:]),))
+        y = qmatmul(x2, kernel, compute_dtype=compute_dtype, backend=backend, interpret=interpret,
+                    precision=precision)
+        return jnp.reshape(y, batch + tuple(out_shape))
+    x, kernel = x.astype(compute_dtype), jnp.asarray(kernel).astype(compute_dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ())), precision=precision)
+
+
+def lora_delta(x, lora_a, lora_b, *, n_in: int, scaling: float, precision=None):
+    """scaling * x (..., *in) . A (*in, r) . B (r, *out) -> (..., *out), in the promoted dtype of x and A."""
+    dtype = jnp.promote_types(x.dtype, lora_a.dtype)
+    x, a, b = x.astype(dtype), lora_a.astype(dtype), lora_b.astype(dtype)
+    h = jax.lax.dot_general(x, a, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+                            precision=precision)
+    y = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())), precision=precision)
+    return y * jnp.asarray(scaling, dtype)
+
+
+def dropout(x, rate: float, key):
+    """Inverted dropout of x with keep probability 1 - rate (identity for rate 0 or key None)."""
+    if rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def lora_linear(x, kernel, bias, lora_a, lora_b, *, n_in: int, out_shape: Sequence[int], scaling: float,
+                compute_dtype, out_dtype, precision=None, dropout_rate: float = 0.0, dropout_key=None,
+                backend: str = "auto", interpret: bool = False):
+    """The adapted layer: (base(x) + bias + scaling * dropout(x) A B) cast to out_dtype.
+
+    x: (..., *in). kernel: see `base_matmul`. bias: (*out) or None. lora_a/lora_b: (*in, r) /
+    (r, *out), or both None (a quantized layer without adapters). The base runs in compute_dtype
+    (bitsandbytes' compute dtype), the adapters in the promoted dtype of x and lora_a (PEFT), and
+    the sum is cast to out_dtype, the dtype the original layer returns.
+    """
+    y = base_matmul(x, kernel, n_in=n_in, out_shape=out_shape, compute_dtype=compute_dtype,
+                    precision=precision, backend=backend, interpret=interpret)
+    if bias is not None:
+        bias = jnp.asarray(bias).astype(y.dtype)
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
+    if lora_a is not None:
+        delta = lora_delta(dropout(x, dropout_rate, dropout_key), lora_a, lora_b, n_in=n_in,
+                           scaling=scaling, precision=precision)
+        # With B = 0 the delta is exactly zero and the sum is the base output bit for bit.
+        dtype = jnp.promote_types(y.dtype, delta.dtype)
+        y = (y.astype(dtype) + delta.astype(dtype))
+    return y.astype(out_dtype)
+
+
+def dense_kernel(kernel, in_shape: Sequence[int], out_shape: Sequence[int], dtype=None):
+    """The base kernel as a dense (*in, *out) array (dequantized if quantized)."""
+    if is_quantized(kernel):
+        w = dequantize(kernel, jnp.float32)
+        return jnp.reshape(w, tuple(in_shape) + tuple(out_shape)).astype(dtype or kernel.dtype)
+    return jnp.asarray(kernel).astype(dtype or kernel.dtype)
+
+
+def merged_kernel(kernel, lora_a, lora_b, *, in_shape: Sequence[int], out_shape: Sequence[int],
+                  scaling: float, dtype) -> jax.Array:
+    """W + scaling * A @ B as a dense (*in, *out) array in dtype (the sum is taken in float32)."""
+    w = dense_kernel(kernel, in_shape, out_shape, jnp.float32)
+    if lora_a is not None:
+        k, n, r = _prod(in_shape), _prod(out_shape), lora_a.shape[-1]
+        a = jnp.reshape(lora_a.astype(jnp.float32), (k, r))
+        b = jnp.reshape(lora_b.astype(jnp.float32), (r, n))
+        delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * np.float32(scaling)
+        w = w + jnp.reshape(delta, w.shape)
+    return w.astype(dtype)
+
+
+def kernel_dtype(kernel) -> Any:
+    return kernel.dtype if is_quantized(kernel) else jnp.asarray(kernel).dtype
+
+
+# ----------------------------------------------------------------------------- which layers
+
+# Module names "all-linear" leaves alone: PEFT skips the model's output head.
+HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "classifier", "score", "output_head")
+
+
+def _pattern_hits(path: str, pattern) -> bool:
+    """A LoRA target pattern matches a module path "a/b/q_proj" in full or as its trailing part (PEFT)."""
+    from qjax._src.policy import matches_any
+    if isinstance(pattern, str) and not pattern.startswith("re:"):
+        return matches_any(path, (pattern, "*/" + pattern))
+    return matches_any(path, (pattern,))
+
+
+def select_layers(paths: Sequence[str], lora_config) -> list[str]:
+    """The module paths that get adapters; raises ValueError for a pattern that matches nothing.
+
+    "all-linear": every path whose last name is not an output head (HEAD_NAMES). Otherwise a path
+    is chosen when a target pattern matches it in full or matches its trailing names. `exclude`
+    patterns always win.
+    """
+    if lora_config.target_modules == "all-linear":
+        chosen = [p for p in paths if p.rsplit("/", 1)[-1].lower() not in HEAD_NAMES]
+    else:
+        for pattern in lora_config.target_modules:
+            if not any(_pattern_hits(p, pattern) for p in paths):
+                raise ValueError(f"LoraConfig.target_modules pattern {pattern!r} matches no linear layer; "
+                                 f"the linear layers are {list(paths)}")
+        chosen = [p for p in paths if any(_pattern_hits(p, t) for t in lora_config.target_modules)]
+    return [p for p in chosen if not any(_pattern_hits(p, e) for e in lora_config.exclude)]
+
+
+def vmap_lead(fn, lead: int):
+    for _ in range(lead):
+        fn = jax.vmap(fn)
+    return fn

@@ -1,0 +1,176 @@
+"""`qjax.nnx.convert` / `merge`: swap the Linear layers of an NNX model for QLoRA layers, in place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from qjax._src import lora as L
+from qjax._src.lora_config import LoraConfig
+from qjax._src.nnx_lora import BaseParam, QLoRALinear, QLoRALinearGeneral, _QLoRABase
+from qjax._src.policy import QuantConfig
+
+_LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral)
+
+
+def _path(parts) -> str:
+    return "/".join(str(p) for p in parts)
+
+
+def _find(model, types) -> list[tuple[tuple, Any]]:
+    return [(tuple(parts), node) for parts, node in nnx.iter_graph(model) if isinstance(node, types)]
+
+
+def _node(model, parts):
+    for p in parts:
+        model = model[p] if isinstance(model, (list, tuple, dict, nnx.List, nnx.Dict)) else getattr(model, p)
+    return model
+
+
+def _replace(model, parts, new) -> None:
+    parent = _node(model, parts[:-1])
+    key = parts[-1]
+    if isinstance(parent, (list, dict, nnx.List, nnx.Dict)):
+        parent[key] = new
+    elif isinstance(parent, tuple):
+        raise TypeError(f"{_path(parts)} sits in a tuple, which cannot be updated in place; use a list")
+    else:
+        setattr(parent, key, new)
+
+
+def _check_not_converted(model) -> None:
+    nodes = list(nnx.iter_graph(model))
+    hits = [p for p, n in nodes if isinstance(n, _QLoRABase)] or [p for p, n in nodes if isinstance(n, BaseParam)]
+    if hits:
+        raise ValueError(f"{_path(hits[0]) or '<root>'} is already a qjax QLoRA layer: the model is "
+                         "already converted (qjax.nnx.merge gives back plain layers)")
+
+
+def _kernel_size(m) -> int:
+    return int(jnp.size(m.kernel.get_value()))
+
+
+def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: QuantConfig | None = QuantConfig(),
+            rngs: nnx.Rngs | None = None, *, backend: str = "auto"):
+    """Replaces the matching nnx.Linear / nnx.LinearGeneral submodules of `model` in place; returns it.
+
+    A layer at path "a/b/q_proj" gets adapters when `lora_config` selects it ("all-linear": every
+    layer but an output head; otherwise target_modules patterns matched in full or against the
+    trailing names; minus exclude) and its kernel is quantized when
+    `quant_config.selects("a/b/q_proj/kernel")`. Layers of stacked (vmapped) modules keep their
+    leading axes. lora_config=None quantizes only; quant_config=None is 16-bit LoRA.
+    Raises ValueError naming the path for an already converted model, a model without Linear
+    layers, a target pattern matching nothing, or r larger than a layer's dimensions.
+    """
+    if lora_config is None and quant_config is None:
+        raise ValueError("convert needs a lora_config, a quant_config, or both")
+    _check_not_converted(model)
+    found = _find(model, _LINEAR_TYPES)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no nnx.Linear / nnx.LinearGeneral layer; "
+                         "there is nothing to convert")
+    paths = [_path(p) for p, _ in found]
+    lora_paths = set(L.select_layers(paths, lora_config)) if lora_config is not None else set()
+    plan = []
+    for (parts, m), path in zip(found, paths):
+        quantized = (quant_config is not None and quant_config.selects(f"{path}/kernel")
+                     and _kernel_size(m) >= quant_config.min_size)
+        if path in lora_paths or quantized:
+            out = m.out_features if isinstance(m, nnx.LinearGeneral) else (m.out_features,)
+            inp = m.in_features if isinstance(m, nnx.LinearGeneral) else (m.in_features,)
+            if path in lora_paths:
+                L.check_rank(lora_config.r, inp, out, path)
+            plan.append((parts, m, path, path in lora_paths, quantized))
+    if not plan:
+        raise ValueError(f"no layer of {type(model).__name__} was selected for LoRA or quantization; "
+                         f"its linear layers are {paths}")
+    if rngs is None:
+        if lora_paths:
+            raise ValueError("convert needs rngs (nnx.Rngs) to initialize the LoRA adapters")
+        rngs = nnx.Rngs(0)
+    for parts, m, path, lora, quantized in plan:
+        kw = dict(rngs=rngs, backend=backend, where=path)
+        lc, qc = (lora_config if lora else None), (quant_config if quantized else None)
+        if isinstance(m, nnx.LinearGeneral):
+            new = QLoRALinearGeneral.from_linear_general(m, lc, qc, **kw)
+        else:
+            new = QLoRALinear.from_linear(m, lc, qc, **kw)
+        _replace(model, parts, new)
+    return model
+
+
+def merge(model, dtype=None, *, requantize: QuantConfig | None = None):
+    """Folds `scaling * A @ B` into every QLoRA layer's kernel in place; returns the model.
+
+    Each layer becomes a plain nnx.Linear / nnx.LinearGeneral with the dense merged kernel in
+    `dtype` (default: the original kernel dtype), or, with `requantize`, a QLoRA layer without
+    adapters whose merged kernel is quantized again.
+    """
+    found = _find(model, _QLoRABase)
+    if not found:
+        raise ValueError(f"{type(model).__name__} holds no qjax QLoRA layer; nothing to merge")
+    for parts, m in found:
+        w = m.merged_kernel(dtype)
+        bias = m.bias.get_value() if m.bias is not None else None
+        general = isinstance(m, QLoRALinearGeneral)
+        if general:
+            new = nnx.LinearGeneral(m.in_features, m.out_features, axis=m.axis, use_bias=bias is not None,
+                                    dtype=m.dtype, param_dtype=w.dtype, precision=m.precision,
+                                    kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
+        else:
+            new = nnx.Linear(m.in_features, m.out_features, use_bias=bias is not None, dtype=m.dtype,
+                             param_dtype=w.dtype, precision=m.precision,
+                             kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
+        new.kernel = nnx.Param(w)
+        if bias is not None:
+            new.bias = nnx.Param(bias)
+        if requantize is not None:
+            cls = QLoRALinearGeneral.from_linear_general if general else QLoRALinear.from_linear
+            new = cls(new, None, requantize, rngs=nnx.Rngs(0), backend=m.backend, where=_path(parts))
+        _replace(model, parts, new)
+    return model
+
+
+def prepare_for_kbit_training(model, *, remat=None, dtype=jnp.float32):
+    """PEFT's prepare_model_for_kbit_training for an NNX model, in place; returns the model.
+
+    Casts every bfloat16/float16 `nnx.Param` that is not a base kernel (norm scales, biases,
+    embeddings, the head) to `dtype` (the adapters are float32 already). `remat`: patterns of module
+    paths (as in LoraConfig.target_modules, e.g. "blocks/*" or "layers") whose `__call__` is wrapped
+    in `nnx.remat`, so their activations are recomputed in the backward pass.
+    """
+    from qjax._src.kbit import upcast_half_params
+    from qjax._src.policy import _as_patterns
+
+    for _, node in list(nnx.iter_graph(model)):
+        if isinstance(node, nnx.Param) and not isinstance(node, BaseParam):
+            value = node.get_value()
+            new = upcast_half_params(value, dtype)
+            if new is not value:
+                node.set_value(new)
+    if remat:
+        patterns = _as_patterns(remat, "remat")
+        hits = [(parts, node) for parts, node in nnx.iter_graph(model)
+                if isinstance(node, nnx.Module) and parts
+                and any(L._pattern_hits(_path(parts), p) for p in patterns)]
+        if not hits:
+            raise ValueError(f"prepare_for_kbit_training: remat patterns {list(patterns)} match no module")
+        for _, node in hits:
+            _remat_module(node)
+    return model
+
+
+def _remat_module(module) -> None:
+    cls = type(module)
+    if getattr(cls, "_qjax_remat", False):
+        return
+    original = cls.__call__
+
+    @nnx.remat
+    def call(self, *args, **kwargs):
+        return original(self, *args, **kwargs)
+
+    module.__class__ = type(cls.__name__, (cls,), {"__call__": lambda self, *a, **k: call(self, *a, **k),
+                                                    "_qjax_remat": True, "__module__": cls.__module__})

@@ -1,0 +1,176 @@
+"""NNX QLoRA: QLoRALinear / QLoRALinearGeneral, in-place conversion and merging.
+
+Variable types: the adapters are `flax.nnx.LoRAParam` (Flax's own, so every existing filter keeps
+working: `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`, `nnx.DiffState(0, nnx.LoRAParam)`); the
+frozen base kernel is a `BaseParam`, a plain `nnx.Variable` subclass (not an `nnx.Param`), so no
+Param filter ever selects it. Biases stay `nnx.Param`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qjax._src import lora as L
+from qjax._src.lora_config import LoraConfig
+from qjax._src.policy import QuantConfig
+from qjax._src.qarray import is_quantized
+
+LoRAParam = nnx.LoRAParam
+
+
+class BaseParam(nnx.Variable):
+    """The frozen base kernel of a LoRA layer: a QuantizedArray (or a dense array in 16-bit LoRA)."""
+
+
+def _tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, Sequence) else (x,)
+
+
+class _QLoRABase(nnx.Module):
+    """Shared state and call of the NNX QLoRA layers (kernel, bias, lora_a, lora_b, dropout)."""
+
+    def _setup(self, kernel, bias, *, in_shape, out_shape, lead, dtype, param_dtype, precision,
+               lora_config, quant_config, backend, rngs, where):
+        self.in_shape, self.out_shape, self.lead = tuple(in_shape), tuple(out_shape), tuple(lead)
+        self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
+        self.lora_config, self.quant_config, self.backend = lora_config, quant_config, backend
+        self.use_bias = bias is not None
+        if quant_config is not None and not is_quantized(kernel):
+            try:
+                kernel = L.quantize_kernel(kernel, len(in_shape), quant_config, lead=len(lead))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{where}/kernel: {e}") from None
+        self.kernel = BaseParam(kernel)
+        self.bias = nnx.Param(bias) if bias is not None else nnx.data(None)
+        if lora_config is not None:
+            L.check_rank(lora_config.r, in_shape, out_shape, where)
+            a, b = L.init_adapters(rngs.params(), in_shape, out_shape, lora_config.r, lora_config.init,
+                                   lead=lead)
+            self.lora_a, self.lora_b = LoRAParam(a), LoRAParam(b)
+        else:
+            self.lora_a = self.lora_b = nnx.data(None)
+        if lora_config is not None and lora_config.dropout > 0:
+            self.lora_dropout = nnx.Dropout(lora_config.dropout, rngs=rngs)
+        else:
+            self.lora_dropout = nnx.data(None)
+
+    def _apply(self, x):
+        n_in = len(self.in_shape)
+        kernel = self.kernel.get_value()
+        bias = self.bias.get_value() if self.bias is not None else None
+        out_dtype = self.dtype or jnp.promote_types(x.dtype, L.kernel_dtype(kernel))
+        compute = out_dtype
+        if is_quantized(kernel) and self.quant_config is not None and self.quant_config.compute_dtype is not None:
+            compute = self.quant_config.compute_dtype
+        base = L.lora_linear(x, kernel, bias, None, None, n_in=n_in, out_shape=self.out_shape, scaling=0.0,
+                             compute_dtype=compute, out_dtype=compute, precision=self.precision,
+                             backend=self.backend)
+        if self.lora_a is None:
+            return base.astype(out_dtype)
+        xd = self.lora_dropout(x) if self.lora_dropout is not None else x
+        delta = L.lora_delta(xd, self.lora_a.get_value(), self.lora_b.get_value(), n_in=n_in,
+                             scaling=self.lora_config.scaling, precision=self.precision)
+        dtype = jnp.promote_types(base.dtype, delta.dtype)
+        return (base.astype(dtype) + delta.astype(dtype)).astype(out_dtype)
+
+    def merged_kernel(self, dtype=None) -> jax.Array:
+        """W + scaling * A @ B as a dense (*lead, *in, *out) array (default: the kernel's original dtype)."""
+        kernel = self.kernel.get_value()
+        a = self.lora_a.get_value() if self.lora_a is not None else None
+        b = self.lora_b.get_value() if self.lora_b is not None else None
+        scaling = self.lora_config.scaling if self.lora_config is not None else 0.0
+        dtype = dtype or L.kernel_dtype(kernel)
+        fn = lambda k, a, b: L.merged_kernel(k, a, b, in_shape=self.in_shape, out_shape=self.out_shape,
+                                             scaling=scaling, dtype=dtype)
+        return L.vmap_lead(fn, len(self.lead))(kernel, a, b)
+
+
+class QLoRALinear(_QLoRABase):
+    """Drop-in for `nnx.Linear`: frozen quantized kernel plus trainable LoRA adapters.
+
+    in_features, out_features, use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as
+    nnx.Linear. lora_config (None: no adapters), quant_config (None: 16-bit LoRA), backend.
+    Attributes: kernel: BaseParam(QuantizedArray (in, out)); bias: Param (out,); lora_a:
+    LoRAParam (in, r); lora_b: LoRAParam (r, out). Call: x (..., in) -> (..., out).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, dtype=None,
+                 param_dtype=jnp.float32, precision=None, kernel_init=nnx.initializers.lecun_normal(),
+                 bias_init=nnx.initializers.zeros_init(), lora_config: LoraConfig | None = LoraConfig(),
+                 quant_config: QuantConfig | None = QuantConfig(), backend: str = "auto", rngs: nnx.Rngs,
+                 _kernel=None, _bias=None, _lead=(), _where: str = "QLoRALinear"):
+        self.in_features, self.out_features = in_features, out_features
+        kernel = _kernel if _kernel is not None else kernel_init(rngs.params(), (in_features, out_features),
+                                                                 param_dtype)
+        bias = _bias if _bias is not None or not use_bias else bias_init(rngs.params(), (out_features,), param_dtype)
+        self._setup(kernel, bias, in_shape=(in_features,), out_shape=(out_features,), lead=_lead, dtype=dtype,
+                    param_dtype=param_dtype, precision=precision, lora_config=lora_config,
+                    quant_config=quant_config, backend=backend, rngs=rngs, where=_where)
+
+    @classmethod
+    def from_linear(cls, linear: nnx.Linear, lora_config, quant_config, *, rngs, backend="auto",
+                    where: str = "") -> "QLoRALinear":
+        """Wraps an existing nnx.Linear (its kernel (*lead, in, out) quantized, its bias kept)."""
+        kernel = linear.kernel.get_value()
+        bias = linear.bias.get_value() if linear.bias is not None else None
+        return cls(linear.in_features, linear.out_features, use_bias=bias is not None, dtype=linear.dtype,
+                   param_dtype=linear.param_dtype, precision=linear.precision, lora_config=lora_config,
+                   quant_config=quant_config, backend=backend, rngs=rngs, _kernel=kernel, _bias=bias,
+                   _lead=kernel.shape[:-2], _where=where or "QLoRALinear")
+
+    def __call__(self, x):
+        return self._apply(x)
+
+
+class QLoRALinearGeneral(_QLoRABase):
+    """Drop-in for `nnx.LinearGeneral` (contracting the trailing `len(in_features)` axes, no batch_axis).
+
+    Attributes: kernel: BaseParam(QuantizedArray (prod(in), prod(out))); bias: Param (*out,);
+    lora_a: LoRAParam (*in_features, r); lora_b: LoRAParam (r, *out_features).
+    Call: x (..., *in_features) -> (..., *out_features).
+    """
+
+    def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int], *,
+                 axis: int | Sequence[int] = -1, use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
+                 precision=None, kernel_init=nnx.initializers.lecun_normal(),
+                 bias_init=nnx.initializers.zeros_init(), lora_config: LoraConfig | None = LoraConfig(),
+                 quant_config: QuantConfig | None = QuantConfig(), backend: str = "auto", rngs: nnx.Rngs,
+                 _module: nnx.LinearGeneral | None = None, _where: str = "QLoRALinearGeneral"):
+        if _module is not None:
+            self._from(_module, lora_config, quant_config, rngs=rngs, backend=backend, where=_where)
+            return
+        dense = nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias, dtype=dtype,
+                                  param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
+                                  bias_init=bias_init, rngs=rngs)
+        self._from(dense, lora_config, quant_config, rngs=rngs, backend=backend, where="QLoRALinearGeneral")
+
+    @classmethod
+    def from_linear_general(cls, m: nnx.LinearGeneral, lora_config, quant_config, *, rngs,
+                            backend="auto", where: str = "") -> "QLoRALinearGeneral":
+        """Wraps an existing nnx.LinearGeneral (kernel (*lead, *in, *out) quantized as 2-D, bias kept)."""
+        return cls(m.in_features, m.out_features, axis=m.axis, lora_config=lora_config, quant_config=quant_config,
+                   backend=backend, rngs=rngs, _module=m, _where=where or "QLoRALinearGeneral")
+
+    def _from(self, m, lora_config, quant_config, *, rngs, backend, where):
+        n = len(m.axis)
+        if m.batch_axis:
+            raise NotImplementedError(f"{where}: nnx.LinearGeneral with batch_axis is not supported")
+        if tuple(m.axis) != tuple(range(-n, 0)):
+            raise NotImplementedError(f"{where}: nnx.LinearGeneral must contract the trailing axes given as "
+                                      f"negative numbers (axis={m.axis}) to be converted")
+        kernel = m.kernel.get_value()
+        bias = m.bias.get_value() if m.bias is not None else None
+        in_shape, out_shape = tuple(m.in_features), tuple(m.out_features)
+        self.in_features, self.out_features, self.axis = in_shape, out_shape, tuple(m.axis)
+        self._setup(kernel, bias, in_shape=in_shape, out_shape=out_shape,
+                    lead=kernel.shape[:kernel.ndim - n - len(out_shape)], dtype=m.dtype,
+                    param_dtype=m.param_dtype, precision=m.precision, lora_config=lora_config,
+                    quant_config=quant_config, backend=backend, rngs=rngs, where=where)
+
+    def __call__(self, x):
+        return self._apply(x)

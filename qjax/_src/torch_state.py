@@ -1,0 +1,217 @@
+"""Whole-model torch state dicts: bitsandbytes Linear4bit checkpoints in and out, merged dense export.
+
+Leaf names: a torch Linear's `weight` (out, in) is a Flax `kernel` (in, out); an Embedding's
+`weight` is `embedding`; a 1-D `weight` (RMSNorm / LayerNorm) is `scale`; `bias` is `bias`.
+A bitsandbytes 4-bit `weight` (uint8 plus `weight.absmax`, `weight.quant_map`, ... and
+`weight.quant_state.bitsandbytes__nf4|fp4`, as transformers writes it) becomes a QuantizedArray
+with `transposed=True`: logical (in, out), codes kept bit for bit in torch's (out, in) order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax._src import adapters as ad
+from qjax._src.bnb import bnb_state_dict, bnb_weight, from_bnb_state_dict
+from qjax._src.lora_config import LoraConfig
+from qjax._src.names import LLAMA, NameMap
+from qjax._src.peft import load_safetensors, save_safetensors
+from qjax._src.qarray import is_quantized
+from qjax._src.quantize import dequantize, quantize
+
+_QSTATE = ".quant_state.bitsandbytes__"
+_BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            import ml_dtypes
+            return x.float().numpy().astype(ml_dtypes.bfloat16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _set_path(tree: dict, path: str, value) -> None:
+    keys = path.split("/")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    if keys[-1] in node:
+        raise ValueError(f"two torch tensors map to the Flax path {path!r}; adjust the name_map")
+    node[keys[-1]] = value
+
+
+def from_torch_state_dict(state_dict, *, name_map: NameMap = LLAMA) -> dict:
+    """A torch state dict (or a .safetensors path) as a Flax variables tree.
+
+    bitsandbytes 4-bit weights become QuantizedArrays without requantizing; every other tensor is
+    converted (Linear weights transposed to kernels). name_map turns torch module names into Flax
+    paths (default: Hugging Face Llama names -> {"params": {"layers_0": ...}}).
+    Raises ValueError for keys it cannot place (naming them) and for damaged 4-bit entries.
+    """
+    if isinstance(state_dict, (str, os.PathLike)):
+        state_dict = load_safetensors(state_dict)
+    sd = dict(state_dict)
+    quantized = sorted({k.split(_QSTATE)[0] for k in sd if _QSTATE in k})
+    out: dict = {}
+    used = set()
+    for wkey in quantized:  # "model.layers.0.mlp.up_proj.weight"
+        if wkey not in sd:
+            raise ValueError(f"{wkey + _QSTATE}... has no packed tensor {wkey!r}")
+        stats = {k[len(wkey) + 1:]: _to_numpy(v) for k, v in sd.items() if k.startswith(wkey + ".")}
+        used.update(k for k in sd if k.startswith(wkey + "."))
+        used.add(wkey)
+        try:
+            q = from_bnb_state_dict(_to_numpy(sd[wkey]), stats, transposed=True)
+        except ValueError as e:
+            raise ValueError(f"{wkey}: {e}") from None
+        if q.ndim != 2:
+            raise ValueError(f"{wkey}: 4-bit weight has shape {q.storage_shape}; a Linear weight is 2-D")
+        module = wkey.rsplit(".", 1)[0]
+        _set_path(out, f"{name_map.to_flax(module)}/kernel", q)
+    unknown = []
+    for key, value in sd.items():
+        if key in used:
+            continue
+        if "." not in key:
+            unknown.append(key)
+            continue
+        module, leaf = key.rsplit(".", 1)
+        x = _to_numpy(value)
+        if leaf == "bias":
+            name = "bias"
+        elif leaf == "weight" and x.ndim == 1:
+            name = "scale"
+        elif leaf == "weight" and x.ndim == 2 and "embed" in module.rsplit(".", 1)[-1]:
+            name = "embedding"
+        elif leaf == "weight" and x.ndim == 2:
+            name, x = "kernel", np.ascontiguousarray(x.T)
+        else:
+            unknown.append(key)
+            continue
+        _set_path(out, f"{name_map.to_flax(module)}/{name}", jnp.asarray(x))
+    if unknown:
+        raise ValueError(f"cannot place torch tensors {unknown[:10]} in a Flax tree (expected '<module>.weight' or "
+                         "'<module>.bias', or bitsandbytes 4-bit entries)")
+    return out
+
+
+def _leaves(variables):
+    tree = ad.as_tree(variables) if ad.is_nnx_module(variables) else variables
+    for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]:
+        path = ad.key_path(p)
+        yield "/".join(map(str, path[:-1])), str(path[-1]), x
+
+
+def _torch_leaf(module: str, leaf: str, x, name_map: NameMap) -> tuple[str, Any]:
+    name = name_map.to_torch(module)
+    if leaf == "kernel":
+        if np.ndim(x) != 2:
+            raise ValueError(f"{module}/kernel has shape {np.shape(x)}; torch Linear weights are 2-D "
+                             "(reshape DenseGeneral kernels first)")
+        return f"{name}.weight", np.ascontiguousarray(np.asarray(x).T)
+    if leaf in ("embedding", "scale"):
+        return f"{name}.weight", np.asarray(x)
+    if leaf == "bias":
+        return f"{name}.bias", np.asarray(x)
+    raise ValueError(f"cannot name {module}/{leaf} in a torch state dict (known leaves: kernel, embedding, "
+                     "scale, bias)")
+
+
+def bnb_model_state_dict(variables, *, name_map: NameMap = LLAMA, requantize: bool = False) -> dict[str, np.ndarray]:
+    """The model as bitsandbytes `Linear4bit` state dicts (as transformers saves a 4-bit model).
+
+    variables: Flax variables whose 4-bit kernels are nf4/fp4 QuantizedArrays; adapters are
+    left out (save them with `save_peft_adapter`). A kernel stored `(in, out)` (transposed=False)
+    cannot become bitsandbytes' `(out, in)` blocks without requantizing: pass requantize=True to
+    dequantize and requantize it (codes then differ), else a ValueError names it.
+    Returns {torch name: numpy array}; write it with `save_safetensors`.
+    """
+    out: dict[str, np.ndarray] = {}
+    for module, leaf, x in _leaves(variables):
+        if leaf in ad.ADAPTER_NAMES:
+            continue
+        if is_quantized(x):
+            if leaf != "kernel" or x.format not in ("nf4", "fp4") or x.ndim != 2:
+                raise ValueError(f"{module}/{leaf} is {x!r}; bitsandbytes Linear4bit holds 2-D nf4/fp4 kernels")
+            if not x.transposed:
+                if not requantize:
+                    raise ValueError(f"{module}/kernel is stored (in, out); bitsandbytes stores (out, in). Quantize "
+                                     "with transposed=True (or pass requantize=True, which changes its codes)")
+                x = quantize(dequantize(x), x.format, blocksize=x.blocksize, double_quant=x.double_quant,
+                             transposed=True)
+            name = f"{name_map.to_torch(module)}.weight"
+            out[name] = bnb_weight(x)
+            out.update({f"{name}.{k}": v for k, v in bnb_state_dict(x).items()})
+        else:
+            key, value = _torch_leaf(module, leaf, x, name_map)
+            out[key] = value
+    return out
+
+
+def merged_state_dict(variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16,
+                      name_map: NameMap = LLAMA) -> dict[str, np.ndarray]:
+    """The merged dense model (PEFT's `merge_and_unload`) as a torch state dict.
+
+    Each kernel with adapters becomes `dequantize(kernel, float32) + scaling * A @ B` (in
+    float32), cast to `dtype` and transposed to torch's (out, in); other QuantizedArrays are
+    dequantized; everything else is cast to `dtype` when it is a float.
+    """
+    dtype = np.dtype(dtype)
+    tree = ad.as_tree(variables) if ad.is_nnx_module(variables) else variables
+    flat = {}
+    try:
+        flat = ad.flat_adapters(tree)
+    except ValueError:
+        pass
+    groups = ad.modules(flat) if flat else {}
+    by_module = {"/".join(map(str, p)): pair for p, pair in groups.items()}
+    out: dict[str, np.ndarray] = {}
+    for module, leaf, x in _leaves(tree):
+        if leaf in ad.ADAPTER_NAMES:
+            continue
+        if leaf == "kernel":
+            w = dequantize(x, jnp.float32) if is_quantized(x) else jnp.asarray(x, jnp.float32)
+            pair = by_module.pop(module, None)
+            if pair is not None:
+                delta = jnp.matmul(jnp.asarray(pair["lora_a"], jnp.float32), jnp.asarray(pair["lora_b"], jnp.float32),
+                                   precision=jax.lax.Precision.HIGHEST)
+                w = w + jnp.float32(lora_config.scaling) * delta.reshape(w.shape)
+            x = w
+        elif is_quantized(x):
+            x = dequantize(x, jnp.float32)
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16":
+            x = np.asarray(jnp.asarray(x).astype(dtype))
+        key, value = _torch_leaf(module, leaf, x, name_map)
+        out[key] = value
+    if by_module:
+        raise ValueError(f"adapters without a kernel beside them: {sorted(by_module)}")
+    return out
+
+
+def save_merged(directory, variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16, name_map: NameMap = LLAMA,
+                hf_config: dict | None = None) -> str:
+    """Writes `merged_state_dict(...)` to directory/model.safetensors (+ config.json from hf_config).
+
+    With hf_config (e.g. `transformers.LlamaConfig(...).to_dict()`), the directory loads with
+    `transformers.AutoModelForCausalLM.from_pretrained(directory)`. Returns the weights' path.
+    """
+    import json
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(os.fspath(directory), "model.safetensors")
+    save_safetensors(path, merged_state_dict(variables, lora_config, dtype=dtype, name_map=name_map),
+                     metadata={"format": "pt"})
+    if hf_config is not None:
+        cfg = dict(hf_config)
+        cfg["torch_dtype"] = cfg["dtype"] = np.dtype(dtype).name
+        with open(os.path.join(os.fspath(directory), "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2, default=str)
+    return path
