@@ -179,6 +179,20 @@ def test_stacked_layers_from_vmap_take_a_spec_over_L_in_out():
     assert specs_of(sh["kernel"]) == {"packed": P(None, "data", "model"), "absmax": P(None, "data", "model"),
                                       "nested_absmax": P(None), "offset": P(None)}
     assert sh["lora_a"].spec == P(None, "data") and sh["lora_b"].spec == P(None, None, "model")
-    with pytest.raises(ValueError, match="cut a block"):
-        qjax.params_sharding(tree, MESH, {"kernel": P(None, None, ("data", "model")), "lora_a": None,
-                                          "lora_b": None})
+    big = jax.eval_shape(jax.vmap(lambda x: qjax.quantize(x, "nf4", blocksize=128)), w)
+    with pytest.raises(ValueError, match="cut a block"):  # 512 / 8 shards = 64 < blocksize 128
+        qjax.params_sharding({"kernel": big}, MESH, {"kernel": P(None, None, ("data", "model"))})
+
+
+def test_lora_of_a_flattened_dense_general_kernel():
+    # qjax.linen stores a DenseGeneral kernel (in, heads, head_dim) as a 2-D QuantizedArray (in, heads * head_dim)
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    tree = {"attn": {"kernel": abstract_q((256, 8 * 64)), "lora_a": sds(256, 4), "lora_b": sds(4, 8, 64)}}
+    sh = qjax.params_sharding(tree, MESH, {"attn": {"kernel": P("data", "model"), "lora_a": None, "lora_b": None}})
+    assert sh["attn"]["lora_a"].spec == P("data") and sh["attn"]["lora_b"].spec == P(None, "model")
+    # scanned o_proj: kernel (L, heads * head_dim, d) stacked, lora_a (L, heads, head_dim, r), lora_b (L, r, d)
+    stacked = jax.eval_shape(jax.vmap(lambda x: qjax.quantize(x, "nf4")), sds(3, 8 * 64, 256))
+    tree = {"o": {"kernel": stacked, "lora_a": sds(3, 8, 64, 4), "lora_b": sds(3, 4, 256)}}
+    sh = qjax.params_sharding(tree, MESH, {"o": {"kernel": P(None, "model", "data"), "lora_a": None, "lora_b": None}})
+    assert sh["o"]["kernel"].packed.spec == P(None, "model", "data")
+    assert sh["o"]["lora_a"].spec == P(None, "model") and sh["o"]["lora_b"].spec == P(None, None, "data")

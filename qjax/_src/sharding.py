@@ -199,28 +199,37 @@ def _quantized_sharding(q: QuantizedArray, spec: SpecLike, mesh) -> QuantizedArr
 # ----------------------------------------------------------------------------- LoRA
 
 
-def _lora_specs(kernel_spec, k_ndim: int, a_ndim: int, b_ndim: int, where: str, split_rank: bool = False):
-    """(A spec, B spec) from the kernel's spec: A (..., in..., r) like `in`, B (..., r, out...) like `out`.
+def _lora_specs(kernel_spec, k_ndim: int, a_ndim: int, b_ndim: int, where: str, split_rank: bool = False,
+                lead: int | None = None):
+    """(A spec, B spec) from the kernel's spec: A (lead..., in..., r) like `in`, B (lead..., r, out...) like `out`.
 
-    Leading axes present in all three (stacked layers) come first and are split like the kernel.
+    lead: stacked-layer axes present in all three (split like the kernel's); None: inferred from
+    the ranks. A kernel of rank lead + 2 with more adapter axes is a flattened `(prod(in),
+    prod(out))` kernel (qjax.linen's DenseGeneral): its `in` / `out` entries go to the first
+    `in` / `out` axis of the adapters, which row-major flattening splits the same way.
     split_rank: also split A's rank axis over the kernel's `out` mesh axes and B's over its `in`
     mesh axes, so each adapter (and its optimizer state) is split over every axis its kernel uses.
     """
-    lead = a_ndim + b_ndim - 2 - k_ndim
-    n_in = a_ndim - 1 - lead
-    if lead < 0 or n_in < 1 or b_ndim - 1 - lead < 1:
+    if lead is None:
+        lead = a_ndim + b_ndim - 2 - k_ndim
+    n_in, n_out = a_ndim - 1 - lead, b_ndim - 1 - lead
+    ks = tuple(kernel_spec) + (None,) * (k_ndim - len(tuple(kernel_spec)))
+    if lead < 0 or n_in < 1 or n_out < 1 or k_ndim - lead not in (n_in + n_out, 2):
         raise ValueError(f"{where}: LoRA shapes of rank {a_ndim} (lora_a) and {b_ndim} (lora_b) do not "
                          f"factor a rank-{k_ndim} kernel as (lead..., in..., out...)")
-    ks = tuple(kernel_spec) + (None,) * (k_ndim - len(tuple(kernel_spec)))
+    if k_ndim - lead == n_in + n_out:
+        ins, outs = ks[lead:lead + n_in], ks[lead + n_in:]
+    else:  # flattened kernel
+        ins = (ks[lead],) + (None,) * (n_in - 1)
+        outs = (ks[lead + 1],) + (None,) * (n_out - 1)
+
     def merged(entries):
         axes = tuple(a for e in entries for a in _entry_axes(e))
         return None if not axes else (axes[0] if len(axes) == 1 else axes)
 
-    a_rank = merged(ks[lead + n_in:]) if split_rank else None
-    b_rank = merged(ks[lead:lead + n_in]) if split_rank else None
-    a = ks[:lead + n_in] + (a_rank,)
-    b = ks[:lead] + (b_rank,) + ks[lead + n_in:]
-    return _spec(a), _spec(b)
+    a_rank = merged(outs) if split_rank else None
+    b_rank = merged(ins) if split_rank else None
+    return _spec(ks[:lead] + ins + (a_rank,)), _spec(ks[:lead] + (b_rank,) + outs)
 
 
 def _shape(x) -> tuple[int, ...] | None:
@@ -253,13 +262,16 @@ def lora_sharding(specs, params=None, *, split_rank: bool = False):
             pk = p.get(KERNEL) if isinstance(p, Mapping) else None
             pa = p.get(LORA_A) if isinstance(p, Mapping) else None
             pb = p.get(LORA_B) if isinstance(p, Mapping) else None
+            lead = None
             if pk is not None and pa is not None and pb is not None:
-                k_nd = len(_shape(pk) or ()) + (stacked_axes(pk) if is_quantized(pk) else 0)
-                a_nd, b_nd = len(_shape(pa)), len(_shape(pb))
+                k_nd, a_nd, b_nd = len(_shape(pk) or ()), len(_shape(pa)), len(_shape(pb))
+                if is_quantized(pk):  # logical shape of one layer, plus its stacked axes
+                    lead = stacked_axes(pk)
+                    k_nd += lead
             else:
                 k_nd = max(len(tuple(kspec)), 2)
                 a_nd = b_nd = k_nd
-            a, b = _lora_specs(kspec, k_nd, a_nd, b_nd, where or "params", split_rank)
+            a, b = _lora_specs(kspec, k_nd, a_nd, b_nd, where or "params", split_rank, lead)
             if LORA_A in s:
                 out[LORA_A] = a
             if LORA_B in s:
