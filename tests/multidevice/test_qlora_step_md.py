@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -113,3 +114,58 @@ def test_2d_mesh_step_equals_single_device(rng):
     for a, b in zip(jax.tree.leaves(s_lora), jax.tree.leaves(ref_lora)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     assert s_lora["down"]["lora_b"].sharding.spec == P(None, "data")
+
+
+def test_linen_convert_step_on_2d_mesh_equals_single_device(rng):
+    ql = pytest.importorskip("qjax.linen")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.gelu(nn.Dense(256, name="up")(x))
+            h = nn.DenseGeneral((4, 64), name="heads")(h)  # kernel (256, 4, 64)
+            return nn.DenseGeneral(128, axis=(-2, -1), name="down")(h)
+
+    x = jnp.asarray(rng.standard_normal((16, 128)).astype(np.float32))
+    y = jnp.asarray(rng.standard_normal((16, 128)).astype(np.float32))
+    net = Net()
+    variables = net.init(jax.random.key(int(rng.integers(2**31))), x)
+    qmodel, qvars = ql.convert(net, variables, qjax.LoraConfig(r=4, alpha=8, init="gaussian"),
+                               qjax.QuantConfig(compute_dtype=jnp.float32), jax.random.key(1), inputs=(x,))
+    params = qvars["params"]
+    opt = optax.adam(1e-2)
+
+    def make_step():
+        def loss_fn(adapters, rest, x, y):
+            return jnp.mean((qmodel.apply({"params": qjax.optim.merge_adapters(adapters, rest)}, x) - y) ** 2)
+
+        @jax.jit
+        def step(adapters, opt_state, rest, x, y):
+            loss, g = jax.value_and_grad(loss_fn)(adapters, rest, x, y)
+            updates, opt_state = opt.update(g, opt_state, adapters)
+            return optax.apply_updates(adapters, updates), opt_state, loss
+        return step
+
+    adapters, rest = qjax.optim.split_adapters(params)
+    ref_state, ref_losses, step = opt.init(adapters), [], make_step()
+    for _ in range(2):
+        adapters, ref_state, loss = step(adapters, ref_state, rest, x, y)
+        ref_losses.append(float(loss))
+    ref_adapters = adapters
+
+    mesh = make_mesh((2, 4), ("data", "model"))
+    rule = lambda path, leaf: {"up/kernel": P("data", "model"), "heads/kernel": P("data", "model"),
+                               "down/kernel": P("model", "data")}.get(path)
+    sharded = qjax.shard_params(params, mesh, rule, lora="split_rank")
+    assert sharded["heads"]["lora_b"].sharding.spec == P("data", "model")  # (r, 4, 64): heads split
+    adapters, rest = qjax.optim.split_adapters(sharded)
+    adapter_sh = jax.tree.map(lambda a: a.sharding, adapters)
+    state = jax.jit(opt.init, out_shardings=qjax.optimizer_sharding(opt, adapters, adapter_sh))(adapters)
+    xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
+    losses, step = [], make_step()
+    for _ in range(2):
+        adapters, state, loss = step(adapters, state, rest, xs, ys)
+        losses.append(float(loss))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(ref_adapters)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
