@@ -196,3 +196,20 @@ def test_lora_of_a_flattened_dense_general_kernel():
     sh = qjax.params_sharding(tree, MESH, {"o": {"kernel": P(None, "model", "data"), "lora_a": None, "lora_b": None}})
     assert sh["o"]["kernel"].packed.spec == P(None, "model", "data")
     assert sh["o"]["lora_a"].spec == P(None, "model") and sh["o"]["lora_b"].spec == P(None, None, "data")
+
+
+def test_nnx_state_through_pure_dicts():
+    nnx = pytest.importorskip("flax.nnx")
+    qn = pytest.importorskip("qjax.nnx")
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(128, 256, rngs=rngs)
+
+    model = Model(nnx.Rngs(0))
+    qn.convert(model, qjax.LoraConfig(r=4), qjax.QuantConfig(), nnx.Rngs(1))
+    pure = nnx.to_pure_dict(nnx.state(model))
+    assert qjax.is_quantized(pure["up"]["kernel"])
+    sh = qjax.params_sharding(pure, MESH, lambda path, leaf: P("data", "model") if path == "up/kernel" else None)
+    assert sh["up"]["kernel"].packed.spec == P("data", "model")
+    assert sh["up"]["lora_a"].spec == P("data") and sh["up"]["lora_b"].spec == P(None, "model")
