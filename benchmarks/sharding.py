@@ -41,7 +41,6 @@ def _measure(n_devices: int, layers: int, batch: int, seq: int, r: int, gather: 
     from jax.sharding import PartitionSpec as P
 
     import qjax
-    from qjax._src.sharding import quantized_leaf_specs
 
     cfg = dict(LLAMA_7B, layers=layers)
     d, heads, L = cfg["d"], cfg["heads"], cfg["layers"]
@@ -53,23 +52,20 @@ def _measure(n_devices: int, layers: int, batch: int, seq: int, r: int, gather: 
     def sds(shape, dtype, spec):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
-    def stacked_q(k_in, k_out, spec):
-        """An abstract QuantizedArray per layer, its leaves stacked over L (scan slices them)."""
-        one = jax.eval_shape(qconfig.quantize, jax.ShapeDtypeStruct((k_in, k_out), jnp.bfloat16))
-        specs = quantized_leaf_specs(one, P(*spec), mesh)
-        leaves = {name: sds((L,) + getattr(one, name).shape, getattr(one, name).dtype, P(None, *specs[name]))
-                  for name in ("packed", "absmax", "nested_absmax", "offset")}
-        return one.replace(**leaves)
-
-    frozen_layers, lora_layers = {}, {}
+    # abstract stacked layers as qjax.linen.convert makes them for a scanned model: each projection
+    # quantized per layer (jax.vmap), adapters (L, in, r) / (L, r, out)
+    quantize_stack = jax.vmap(qconfig.quantize)
+    layers, specs = {}, {}
     for name, (a, b, spec) in PROJ.items():
         k_in, k_out = cfg[a], cfg[b]
-        frozen_layers[name] = stacked_q(k_in, k_out, spec)
-        # adapters: A split like the base's `in`, B like its `out` (qjax.lora_sharding's rule)
-        lora_specs = qjax.lora_sharding({"kernel": P(*spec), "lora_a": None, "lora_b": None},
-                                        split_rank=split_rank)
-        lora_layers[name] = {"lora_a": sds((L, k_in, r), jnp.float32, P(None, *lora_specs["lora_a"])),
-                             "lora_b": sds((L, r, k_out), jnp.float32, P(None, *lora_specs["lora_b"]))}
+        layers[name] = {"kernel": jax.eval_shape(quantize_stack, jax.ShapeDtypeStruct((L, k_in, k_out), jnp.bfloat16)),
+                        "lora_a": jax.ShapeDtypeStruct((L, k_in, r), jnp.float32),
+                        "lora_b": jax.ShapeDtypeStruct((L, r, k_out), jnp.float32)}
+        specs[name] = {"kernel": P(None, *spec), "lora_a": None, "lora_b": None}  # adapters derived
+    shardings = qjax.params_sharding(layers, mesh, specs, lora="split_rank" if split_rank else True)
+    placed = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), layers, shardings)
+    frozen_layers = {n: v["kernel"] for n, v in placed.items()}
+    lora_layers = {n: {"lora_a": v["lora_a"], "lora_b": v["lora_b"]} for n, v in placed.items()}
     frozen_layers["attn_norm"] = sds((L, d), jnp.bfloat16, P())
     frozen_layers["mlp_norm"] = sds((L, d), jnp.bfloat16, P())
     frozen = {"embed": sds((cfg["vocab"], d), jnp.bfloat16, P("model", "data")),

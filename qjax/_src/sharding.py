@@ -21,14 +21,14 @@ Layout facts used here (see `QuantizedArray`):
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qjax._src import formats
-from qjax._src.policy import path_str
+from qjax._src.policy import QuantConfig, path_str, quantize_params
 from qjax._src.qarray import QuantizedArray, _swap_last2, is_quantized, is_structured, leaf_shapes
 
 SpecLike = Any  # PartitionSpec | None
@@ -358,10 +358,9 @@ def quantize_params_sharded(params, mesh, spec, config=None):
     outputs both follow it (adapters derived from their kernels). config: QuantConfig
     (default QuantConfig()).
     Returns the quantized tree, sharded. With double quantization the per-weight absmax mean
-    (torch's summation order) reads all of one weight's float32 absmax (1/16 of its dense
+    (torch's summation order) reads all of one weight's float32 absmax (1/64 of its dense
     float32 bytes at blocksize 64), so that array is gathered; the codes never are.
     """
-    from qjax._src.policy import QuantConfig, quantize_params
     config = config if config is not None else QuantConfig()
     fn = lambda p: quantize_params(p, config)
     abstract_out = jax.eval_shape(fn, params)
