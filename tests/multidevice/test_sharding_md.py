@@ -155,3 +155,18 @@ def test_qmatmul_sharded_reads_explicit_shardings_from_types(rng, transposed):
     np.testing.assert_allclose(y, qjax.qmatmul(x, q), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs mesh= and spec="):
         qjax.qmatmul_sharded(x, q)
+
+
+def test_qjax_checkpoint_restores_onto_a_smaller_mesh(rng, tmp_path):
+    mesh8, mesh4 = make_mesh(), make_mesh((2, 2), devices=jax.devices()[:4])
+    params = {"attn": {"kernel": qjax.quantize(_weight(rng), "nf4", blocksize=64, double_quant=True,
+                                               transposed=True)}}
+    spec = {"attn": {"kernel": P("model", "data")}}
+    qjax.checkpoint.save(tmp_path / "q", qjax.shard_params(params, mesh8, spec))
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          params, qjax.params_sharding(params, mesh4, spec))
+    restored = qjax.checkpoint.restore(tmp_path / "q", target)
+    k = restored["attn"]["kernel"]
+    assert k.transposed and k.packed.sharding.spec == P("data", "model")  # storage (out, in) of P(model, data)
+    assert len(k.packed.sharding.device_set) == 4
+    np.testing.assert_array_equal(np.asarray(qjax.dequantize(k)), np.asarray(qjax.dequantize(params["attn"]["kernel"])))
