@@ -97,7 +97,7 @@ def test_quantize_params_sharded_never_holds_a_dense_weight(rng):
     mem = compiled.memory_analysis()
     dense_bytes = 512 * 1024 * 4
     per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-    assert per_device < dense_bytes / 2, (per_device, dense_bytes)
+    assert per_device < dense_bytes / 4, (per_device, dense_bytes)  # 1/8 slice + codes + absmax work
     gathered = [ln for ln in hlo_collectives(compiled.as_text()) if "[512,1024]" in ln or "[524288]" in ln]
     assert not gathered, gathered
 
