@@ -170,3 +170,20 @@ def test_qjax_checkpoint_restores_onto_a_smaller_mesh(rng, tmp_path):
     assert k.transposed and k.packed.sharding.spec == P("data", "model")  # storage (out, in) of P(model, data)
     assert len(k.packed.sharding.device_set) == 4
     np.testing.assert_array_equal(np.asarray(qjax.dequantize(k)), np.asarray(qjax.dequantize(params["attn"]["kernel"])))
+
+
+@pytest.mark.parametrize("shape,fmt,blocksize,double_quant,transposed,spec", [
+    ((96, 100), "nf4", 64, True, False, P("data", None)),        # flat storage: whole rows of whole blocks
+    ((100, 96), "fp4", 64, True, True, P(None, "data")),         # flat, transposed: storage (96, 100)
+    ((256, 512), "int8", None, False, True, P("data", "model")),  # per-channel absmax follows `out`
+    ((256, 512), "int8", 64, True, True, P("model", "data")),
+])
+def test_qmatmul_sharded_other_layouts_exact(rng, shape, fmt, blocksize, double_quant, transposed, spec):
+    mesh = make_mesh()
+    q = qjax.quantize(_weight(rng, shape), fmt, blocksize=blocksize, double_quant=double_quant,
+                      transposed=transposed)
+    qs = qjax.shard_params({"w": q}, mesh, {"w": spec})["w"]
+    x_spec = P(None, spec[0])
+    eye = jax.device_put(jnp.eye(shape[0], dtype=jnp.float32), NamedSharding(mesh, x_spec))
+    y = jax.jit(lambda x, w: qjax.qmatmul_sharded(x, w, mesh, spec, x_spec=x_spec))(eye, qs)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(qjax.dequantize(q)))
