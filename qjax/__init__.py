@@ -4,6 +4,8 @@ from qjax import checkpoint, interop, linen, nnx, optim
 from qjax._src.kbit import prepare_for_kbit_training, upcast_half_params
 from qjax._src.footprint import Footprint, memory_footprint
 from qjax._src.formats import BLOCKSIZES, FORMATS
+from qjax._src.int8 import int8_matmul
+from qjax._src.loftq import loftq, loftq_init
 from qjax._src.lora_config import LoraConfig
 from qjax._src.policy import DEFAULT_SKIP, QuantConfig, dequantize_params, quantize_params
 from qjax._src.qarray import QuantizedArray, is_quantized
@@ -19,14 +21,16 @@ from qjax._src.sharding import (
     with_sharding_constraint,
 )
 from qjax._src.quantize import dequantize, dequantize_blockwise, quantize, quantize_blockwise
+from qjax._src.rules import QuantRules, first_blocks
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantizedArray",
-    "checkpoint", "dequantize", "dequantize_blockwise", "dequantize_params", "interop", "is_quantized",
-    "linen", "lora_sharding", "memory_footprint", "nnx", "optim", "optimizer_sharding", "params_sharding",
-    "prepare_for_kbit_training", "qmatmul", "qmatmul_sharded", "quantize", "quantize_blockwise",
-    "quantize_params", "quantize_params_sharded", "quantized_sharding", "shard_params", "upcast_half_params",
+    "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantRules",
+    "QuantizedArray", "checkpoint", "dequantize", "dequantize_blockwise", "dequantize_params", "first_blocks",
+    "int8_matmul", "interop", "is_quantized", "linen", "loftq", "loftq_init", "lora_sharding",
+    "memory_footprint", "nnx", "optim", "optimizer_sharding", "params_sharding", "prepare_for_kbit_training",
+    "qmatmul", "qmatmul_sharded", "quantize", "quantize_blockwise", "quantize_params",
+    "quantize_params_sharded", "quantized_sharding", "shard_params", "upcast_half_params",
     "with_sharding_constraint",
 ]

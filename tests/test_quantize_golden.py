@@ -89,7 +89,10 @@ def test_int8_blockwise_and_per_channel(rng):
     qc = qjax.quantize(jnp.asarray(x), "int8", blocksize=None)
     col = np.abs(x).max(0)
     np.testing.assert_array_equal(np.asarray(qc.absmax), col)
-    np.testing.assert_array_equal(np.asarray(qc.packed), np.round(x * (np.float32(127) / col)).astype(np.int8))
+    # per-channel codes follow bitsandbytes' int8_vectorwise_quant: x * (127 * (1 / absmax)) in float32
+    # (tests/test_int8.py compares them with Linear8bitLt's Int8Params)
+    scale = np.float32(127) * (np.float32(1) / col)
+    np.testing.assert_array_equal(np.asarray(qc.packed), np.round(x * scale).astype(np.int8))
     # bitsandbytes' int8 dequant: (codes * absmax) * float32(1/127)
     ref = (codes.astype(np.float32) * np.repeat(absmax, 64)[: flat.size]) * np.float32(1 / 127)
     np.testing.assert_array_equal(np.asarray(qjax.dequantize(q)).reshape(-1), ref)

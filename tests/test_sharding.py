@@ -29,7 +29,7 @@ def specs_of(q_sharding):
              ("nested_absmax", q_sharding.nested_absmax), ("offset", q_sharding.offset))}
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "nf3", "nf2", "int8"])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_structured_codes_split_like_the_dense_array(fmt, double_quant):
     q = abstract_q((256, 512), fmt, 64, double_quant)

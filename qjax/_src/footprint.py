@@ -53,6 +53,15 @@ class Footprint:
         q = [leaf for leaf in self.leaves if leaf.kind == "quantized"]
         return 8 * sum(x.nbytes for x in q) / max(sum(x.params for x in q), 1)
 
+    def bits_by_format(self) -> dict[str, float]:
+        """Bits per quantized parameter for each format present (mixed precision), every byte counted."""
+        by: dict[str, tuple[int, int]] = {}
+        for leaf in self.leaves:
+            if leaf.kind == "quantized":
+                params, nbytes = by.get(leaf.format, (0, 0))
+                by[leaf.format] = (params + leaf.params, nbytes + leaf.nbytes)
+        return {fmt: 8 * nb / max(p, 1) for fmt, (p, nb) in sorted(by.items())}
+
     @property
     def bits_per_param(self) -> float:
         """Average bits over every parameter of the tree."""
@@ -71,6 +80,10 @@ class Footprint:
         lines.append(f"total: {_human(self.total_bytes)} for {self.total_params:,} params "
                      f"({self.bits_per_param:.3f} bits/param); quantized {_human(by_kind['quantized'])} "
                      f"({self.quantized_bits_per_param:.3f} bits/param), dense {_human(by_kind['dense'])}")
+        formats = self.bits_by_format()
+        if len(formats) > 1:
+            lines.append("quantized bits/param by format: " +
+                         ", ".join(f"{fmt} {bits:.3f}" for fmt, bits in formats.items()))
         return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ fuses them. The constructions reproduce bitsandbytes' float32 values exactly
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -24,6 +25,22 @@ NF4_CODE = np.array(
     ],
     dtype=_F32,
 )
+
+# Normal-float codebooks at 2 and 3 bits, built as bitsandbytes builds NF4 (and as LoftQ's
+# reference `NFQuantizer` builds its 2/3-bit codes): 2^(k-1) positive quantiles of N(0, 1) at
+# linspace(0.9677083, 0.5, 2^(k-1) + 1)[:-1], 2^(k-1) - 1 negative ones at
+# linspace(0.9677083, 0.5, 2^(k-1))[:-1], an exact zero, sorted and divided by the largest.
+# The float32 values below come from that construction (scipy's norm.ppf in float64, torch's
+# float32 linspace), which reproduces NF4_CODE bit for bit; tests/test_formats_lowbit.py
+# rebuilds all three. With the same offset, every positive NF2/NF3 code is also an NF4 code.
+NF3_CODE = np.array(
+    [
+        -1.0, -0.4786292016506195, -0.21714179217815399, 0.0,
+        0.16093020141124725, 0.33791524171829224, 0.5626170039176941, 1.0,
+    ],
+    dtype=_F32,
+)
+NF2_CODE = np.array([-1.0, 0.0, 0.33791524171829224, 1.0], dtype=_F32)
 
 # bitsandbytes' FP4 (e2m1 with a sign bit in bit 3), normalised so that the largest magnitude is 1.
 _FP4_MAGNITUDES = [0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 1 / 2, 1 / 6, 1 / 4]
@@ -135,7 +152,13 @@ DYNAMIC_THRESHOLDS = _dynamic_thresholds(DYNAMIC_CODE)
 
 @dataclasses.dataclass(frozen=True)
 class Format:
-    """A storage format. `bits` per code; `codebook` is None for linear (int8) formats."""
+    """A storage format. `bits` per code; `codebook` is None for linear (int8) formats.
+
+    Codebook formats pack their indices as a big-endian bit stream: code j takes bits
+    [bits * j, bits * (j + 1)) counted from the most significant bit of byte 0, so the first
+    code of a byte sits in its high bits (NF4's "first element in the high nibble"). A group of
+    `group` codes fills exactly `group_bytes` bytes (nf4: 2 in 1, nf2: 4 in 1, nf3: 8 in 3).
+    """
 
     name: str
     bits: int
@@ -145,10 +168,21 @@ class Format:
     def is_linear(self) -> bool:
         return self.codebook is None
 
+    @property
+    def group(self) -> int:
+        """Codes in the smallest whole number of bytes."""
+        return 8 // math.gcd(8, self.bits)
+
+    @property
+    def group_bytes(self) -> int:
+        return self.group * self.bits // 8
+
 
 FORMATS: dict[str, Format] = {
     "nf4": Format("nf4", 4, Codebook.from_code(NF4_CODE)),
     "fp4": Format("fp4", 4, Codebook.from_code(FP4_CODE)),
+    "nf3": Format("nf3", 3, Codebook.from_code(NF3_CODE)),
+    "nf2": Format("nf2", 2, Codebook.from_code(NF2_CODE)),
     "int8": Format("int8", 8, None),
 }
 

@@ -73,6 +73,8 @@ class QuantConfig:
     compute_dtype: dtype the matmuls run in. target: patterns a leaf's path must match to be
       quantized (None: every float leaf of rank >= 2). skip: patterns never quantized
       (default: embeddings, lm_head, norms). min_size: leaves with fewer elements stay dense.
+    llm_int8_threshold: for format="int8" with blocksize=None, the LLM.int8 outlier threshold
+      the layers pass to `int8_matmul` (0 disables the decomposition); ignored otherwise.
     """
 
     format: str = "nf4"
@@ -82,9 +84,12 @@ class QuantConfig:
     target: Any = None
     skip: Any = DEFAULT_SKIP
     min_size: int = 0
+    llm_int8_threshold: float = 6.0
 
     def __post_init__(self):
         check_blocksize(formats.get_format(self.format), self.blocksize)
+        if not self.llm_int8_threshold >= 0:
+            raise ValueError(f"QuantConfig.llm_int8_threshold must be >= 0, got {self.llm_int8_threshold!r}")
         object.__setattr__(self, "target", _as_patterns(self.target, "target"))
         object.__setattr__(self, "skip", _as_patterns(self.skip, "skip") or ())
 
@@ -93,6 +98,18 @@ class QuantConfig:
         if matches_any(path, self.skip):
             return False
         return self.target is None or matches_any(path, self.target)
+
+    def config_for(self, path: str) -> "QuantConfig | None":
+        """The config that quantizes the leaf at `path` (self), or None to keep it dense.
+
+        Per-path policies (`QuantRules`) answer the same question with different configs.
+        """
+        return self if self.selects(path) else None
+
+    @property
+    def is_llm_int8(self) -> bool:
+        """True when matmuls should use `int8_matmul` (per-channel int8 weights)."""
+        return self.format == "int8" and self.blocksize is None
 
     def quantize(self, x, *, transposed: bool = False) -> QuantizedArray:
         return quantize(x, self.format, blocksize=self.blocksize, double_quant=self.double_quant,
@@ -110,7 +127,9 @@ def _is_float(x) -> bool:
 def quantize_params(params, config: QuantConfig = QuantConfig()):
     """Quantizes the selected leaves of a parameter tree.
 
-    Every float leaf of rank >= 2 whose path `config.selects` becomes a QuantizedArray;
+    config: a QuantConfig, or any policy with `config_for(path) -> QuantConfig | None` (e.g.
+      `QuantRules` for mixed precision).
+    Every float leaf of rank >= 2 for which `config.config_for(path)` gives a config becomes a QuantizedArray;
     everything else (biases, norms, embeddings in `skip`, integer leaves) is returned as is.
     Raises ValueError if the tree already holds QuantizedArrays, if a leaf holds NaN/Inf,
     or if an explicit `target` pattern selects a non-float leaf (naming its path).
@@ -120,14 +139,15 @@ def quantize_params(params, config: QuantConfig = QuantConfig()):
         if is_quantized(x):
             raise ValueError(f"parameter {name!r} is already quantized ({x!r}); "
                              "quantize_params takes a dense tree")
-        if np.ndim(x) < 2 or not config.selects(name) or np.size(x) < config.min_size:
+        chosen = config.config_for(name) if np.ndim(x) >= 2 else None
+        if chosen is None or np.size(x) < chosen.min_size:
             return x
         if not _is_float(x):
-            if config.target is not None:
+            if chosen.target is not None:
                 raise TypeError(f"target pattern selects non-float parameter {_describe_leaf(name, x)}")
             return x
         try:
-            return config.quantize(x)
+            return chosen.quantize(x)
         except (TypeError, ValueError) as e:
             raise type(e)(f"parameter {_describe_leaf(name, x)}: {e}") from None
 

@@ -17,8 +17,9 @@ class QuantizedArray:
     """A blockwise-quantized array, stored exactly as bitsandbytes stores it.
 
     Children (the only pytree leaves) are arrays:
-      packed:        uint8 codes, two 4-bit codes a byte with the first in the high nibble
-                     (int8 codes for the "int8" format).
+      packed:        uint8 codes as a big-endian bit stream: two 4-bit codes a byte with the
+                     first in the high nibble, four 2-bit codes a byte, eight 3-bit codes in
+                     three bytes (int8 codes for the "int8" format).
       absmax:        float32 per-block absmax, or uint8 codes of it when double-quantized.
       nested_absmax: float32 (ceil(num_blocks / 256),) absmax of the absmax codes, or None.
       offset:        float32 () mean subtracted from absmax before nesting, or None.

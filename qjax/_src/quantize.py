@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._src import formats
-from qjax._src.codes import code_index, lookup, pack_nibbles, unpack_nibbles
+from qjax._src.codes import code_index, lookup, pack_codes, unpack_codes
 from qjax._src.qarray import QuantizedArray, is_structured, num_blocks
 
 _F32 = jnp.float32
@@ -232,16 +232,17 @@ def _stored(x, transposed: bool):
     return jnp.swapaxes(x, -1, -2) if transposed else x
 
 
-def _quantize_codebook(stored, codebook: formats.Codebook, blocksize: int):
-    """4-bit codes and float32 absmax of `stored` (row-major blocks)."""
+def _quantize_codebook(stored, spec: formats.Format, blocksize: int):
+    """Packed codes and float32 absmax of `stored` (row-major blocks)."""
+    codebook = spec.codebook
     xf = stored.astype(_F32)
     shape = stored.shape
-    if is_structured(shape, "nf4", blocksize):
+    if is_structured(shape, spec.name, blocksize):
         blocks = xf.reshape(shape[:-1] + (shape[-1] // blocksize, blocksize))
         absmax = jnp.max(jnp.abs(blocks), axis=-1)
         # bitsandbytes multiplies by the float32 reciprocal (dividing differs in rare ties)
         v = jnp.clip(blocks * jnp.where(absmax > 0, 1.0 / absmax, 0.0)[..., None], -1.0, 1.0)
-        return pack_nibbles(code_index(v, codebook).reshape(shape)), absmax
+        return pack_codes(code_index(v, codebook).reshape(shape), spec.bits), absmax
     flat = xf.reshape(-1)
     n = flat.shape[0]
     full = n - n % blocksize
@@ -258,10 +259,11 @@ def _quantize_codebook(stored, codebook: formats.Codebook, blocksize: int):
         # the partial block divides (full blocks multiply) and keeps a floor of 1e-38
         values.append(jnp.clip(true_divide(tail, jnp.where(am > 0, am, 1.0)), -1.0, 1.0))
         absmaxes.append(jnp.where(am > 0, am, _PARTIAL_ABSMAX_FLOOR)[None])
-    if n % 2:
-        values.append(jnp.zeros((1,), _F32))  # bitsandbytes pads the normalised values with 0.0
+    if n % spec.group:
+        # bitsandbytes pads the normalised values with 0.0 (nf4: code 7); nf2/nf3 do the same
+        values.append(jnp.zeros((-n % spec.group,), _F32))
     idx = code_index(jnp.concatenate(values), codebook)
-    return pack_nibbles(idx), jnp.concatenate(absmaxes)
+    return pack_codes(idx, spec.bits)[: -(-n * spec.bits // 8)], jnp.concatenate(absmaxes)
 
 
 def _int8_absmax_axes(ndim: int, transposed: bool) -> tuple[int, ...]:
@@ -277,7 +279,10 @@ def _quantize_int8(stored, blocksize, transposed: bool):
     if blocksize is None:
         axes = _int8_absmax_axes(len(shape), transposed)
         absmax = jnp.max(jnp.abs(xf), axis=axes)
-        scale = jnp.expand_dims(jnp.where(absmax > 0, 127.0 / absmax, 0.0), axes)
+        # bitsandbytes' int8_vectorwise_quant (Linear8bitLt's weights): torch evaluates
+        # `127.0 / absmax` as 127 * (1 / absmax), two roundings; 127 / absmax differs at ties
+        inv = 1.0 / jnp.where(absmax > 0, absmax, 1.0)
+        scale = jnp.expand_dims(jnp.where(absmax > 0, round_product(inv) * 127.0, 0.0), axes)
         return jnp.round(xf * scale).astype(jnp.int8), absmax
     if is_structured(shape, "int8", blocksize):
         blocks = xf.reshape(shape[:-1] + (shape[-1] // blocksize, blocksize))
@@ -306,7 +311,7 @@ def _quantize(x, fmt: str, blocksize, double_quant: bool, transposed: bool) -> Q
     if spec.is_linear:
         packed, absmax = _quantize_int8(stored, blocksize, transposed)
     else:
-        packed, absmax = _quantize_codebook(stored, spec.codebook, blocksize)
+        packed, absmax = _quantize_codebook(stored, spec, blocksize)
     nested = offset = None
     if double_quant:
         absmax, nested, offset = _nest(absmax)
@@ -320,8 +325,9 @@ def quantize(x, format: str = "nf4", *, blocksize: int | None = 64, double_quant
     """Blockwise-quantizes an array, bit-identical to bitsandbytes.
 
     x: float32, bfloat16 or float16 array of any shape.
-    format: "nf4" or "fp4" (bitsandbytes `quantize_4bit`), or "int8" (symmetric,
-      round(x * 127 / absmax)).
+    format: "nf4" or "fp4" (bitsandbytes `quantize_4bit`), "nf3" or "nf2" (normal-float
+      codes at 3 and 2 bits, same blocking and rounding rules; docs/loftq.md), or "int8"
+      (symmetric, round(x * 127 / absmax)).
     blocksize: 32 ... 4096 consecutive row-major elements per absmax; for "int8", None
       gives one absmax per output channel (the last axis), as LLM.int8 stores weights.
     double_quant: quantize the absmax too (bitsandbytes' `compress_statistics`): 8-bit
@@ -391,7 +397,8 @@ def _values_f32(q: QuantizedArray, absmax):
             return (codes * scale) * _INV_127
         idx, mult = codes, _INV_127
     else:
-        idx, mult = unpack_nibbles(q.packed), None
+        count = storage[-1] if q.structured else n
+        idx, mult = unpack_codes(q.packed, spec.bits, count), None
     if q.structured:
         blocks = idx.reshape(storage[:-1] + (storage[-1] // q.blocksize, q.blocksize))
     else:

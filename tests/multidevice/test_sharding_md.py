@@ -177,6 +177,8 @@ def test_qjax_checkpoint_restores_onto_a_smaller_mesh(rng, tmp_path):
     ((100, 96), "fp4", 64, True, True, P(None, "data")),         # flat, transposed: storage (96, 100)
     ((256, 512), "int8", None, False, True, P("data", "model")),  # per-channel absmax follows `out`
     ((256, 512), "int8", 64, True, True, P("model", "data")),
+    ((256, 512), "nf3", 64, True, True, P("model", "data")),      # 8 codes in 3 bytes: shards of whole blocks
+    ((96, 100), "nf2", 32, False, False, P("data", None)),
 ])
 def test_qmatmul_sharded_other_layouts_exact(rng, shape, fmt, blocksize, double_quant, transposed, spec):
     mesh = make_mesh()
