@@ -10,6 +10,16 @@ from qjax._src.lora_config import LoraConfig
 from qjax._src.policy import DEFAULT_SKIP, QuantConfig, dequantize_params, quantize_params
 from qjax._src.qarray import QuantizedArray, is_quantized
 from qjax._src.qmatmul import qmatmul
+from qjax._src.sharded_qmatmul import qmatmul_sharded
+from qjax._src.sharding import (
+    lora_sharding,
+    optimizer_sharding,
+    params_sharding,
+    quantize_params_sharded,
+    quantized_sharding,
+    shard_params,
+    with_sharding_constraint,
+)
 from qjax._src.quantize import dequantize, dequantize_blockwise, quantize, quantize_blockwise
 from qjax._src.rules import QuantRules, first_blocks
 
@@ -18,7 +28,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantRules",
     "QuantizedArray", "checkpoint", "dequantize", "dequantize_blockwise", "dequantize_params", "first_blocks",
-    "int8_matmul", "interop", "is_quantized", "linen", "loftq", "loftq_init", "memory_footprint", "nnx",
-    "optim", "prepare_for_kbit_training", "qmatmul", "quantize", "quantize_blockwise", "quantize_params",
-    "upcast_half_params",
+    "int8_matmul", "interop", "is_quantized", "linen", "loftq", "loftq_init", "lora_sharding",
+    "memory_footprint", "nnx", "optim", "optimizer_sharding", "params_sharding", "prepare_for_kbit_training",
+    "qmatmul", "qmatmul_sharded", "quantize", "quantize_blockwise", "quantize_params",
+    "quantize_params_sharded", "quantized_sharding", "shard_params", "upcast_half_params",
+    "with_sharding_constraint",
 ]

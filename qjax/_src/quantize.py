@@ -349,13 +349,40 @@ def quantize(x, format: str = "nf4", *, blocksize: int | None = 64, double_quant
 # ----------------------------------------------------------------------------- dequantize
 
 
+def flat_index(shape, origin=None, full_shape=None):
+    """Row-major flat index into `full_shape` (default `shape`) of every element of a `shape` array.
+
+    origin: per-axis offsets of this array inside the full one (a shard's position), or None.
+    Built from iotas, so on a sharded array it stays sharded (no reshape to 1-D).
+    """
+    full_shape = tuple(full_shape if full_shape is not None else shape)
+    idx = jnp.zeros(shape, jnp.int32)
+    stride = 1
+    for d in range(len(shape) - 1, -1, -1):
+        pos = jax.lax.broadcasted_iota(jnp.int32, shape, d)
+        if origin is not None:
+            pos = pos + origin[d]
+        idx = idx + pos * stride
+        stride *= full_shape[d]
+    return idx
+
+
+def decode_absmax(codes, nested_absmax, offset, index):
+    """float32 absmax from double-quantized uint8 codes: `code[c] * nested[index // 256] + offset`.
+
+    index: the flat index of each code in the whole absmax (`flat_index`), which picks its
+    nested block; the arithmetic (one rounded product, then the add) is bitsandbytes'.
+    """
+    values = jnp.take(jnp.asarray(formats.DYNAMIC_CODE), codes.astype(jnp.int32))
+    scale = jnp.take(nested_absmax, index // formats.NESTED_BLOCKSIZE)
+    return round_product(values * scale) + offset
+
+
 def absmax_f32(q: QuantizedArray):
     """The float32 absmax of q (double quantization decoded), shaped like `q.absmax`."""
     if q.nested_absmax is None:
         return q.absmax
-    flat = _dequantize_blockwise(q.absmax.reshape(-1), q.nested_absmax, formats.NESTED_BLOCKSIZE,
-                                 np.dtype(np.float32))
-    return (round_product(flat) + q.offset).reshape(q.absmax.shape)
+    return decode_absmax(q.absmax, q.nested_absmax, q.offset, flat_index(q.absmax.shape))
 
 
 def _values_f32(q: QuantizedArray, absmax):

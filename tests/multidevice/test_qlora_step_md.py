@@ -1,0 +1,171 @@
+"""A QLoRA train step under a 2-D (data x model) mesh equals the single-device step.
+
+The model is hand-written Linen (qjax.qmatmul on a frozen quantized kernel plus trainable
+lora_a / lora_b), with the param names qjax.linen uses, so the test does not depend on it.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import qjax
+from _md_helpers import hlo_collectives, make_mesh
+
+R, ALPHA = 4, 8.0
+
+
+class LoRADense(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        if self.has_variable("params", "kernel"):  # a QuantizedArray: Flax's shape check would see its codes
+            kernel = self.get_variable("params", "kernel")
+        else:
+            kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.normal(0.02), (self.features,))
+        a = self.param("lora_a", nn.initializers.normal(0.1), (x.shape[-1], R))
+        b = self.param("lora_b", nn.initializers.normal(0.1), (R, self.features))  # nonzero: A gets gradients
+        base = qjax.qmatmul(x, kernel) if qjax.is_quantized(kernel) else x @ kernel
+        return base + (x @ a) @ b * (ALPHA / R) + bias[None, :]
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(LoRADense(256, name="up")(x))
+        return LoRADense(128, name="down")(h)
+
+
+def _split(params):
+    """(trainable adapters, frozen rest) of a {layer: {kernel, bias, lora_a, lora_b}} tree."""
+    lora = {k: {n: v[n] for n in ("lora_a", "lora_b")} for k, v in params.items()}
+    frozen = {k: {n: v[n] for n in ("kernel", "bias")} for k, v in params.items()}
+    return lora, frozen
+
+
+def _merge(lora, frozen):
+    return {k: {**frozen[k], **lora[k]} for k in frozen}
+
+
+def _make_step(opt):
+    model = MLP()
+
+    def loss_fn(lora, frozen, x, y):
+        pred = model.apply({"params": _merge(lora, frozen)}, x)
+        return jnp.mean((pred - y) ** 2)
+
+    def step(lora, opt_state, frozen, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(lora, frozen, x, y)
+        updates, opt_state = opt.update(grads, opt_state, lora)
+        return optax.apply_updates(lora, updates), opt_state, loss
+
+    return jax.jit(step)
+
+
+def test_2d_mesh_step_equals_single_device(rng):
+    x = jnp.asarray(rng.standard_normal((16, 128)).astype(np.float32))
+    y = jnp.asarray(rng.standard_normal((16, 128)).astype(np.float32))
+    dense = MLP().init(jax.random.key(int(rng.integers(2**31))), x)["params"]
+    params = qjax.quantize_params(dense, qjax.QuantConfig(double_quant=True, target="*kernel"))
+    opt = optax.adam(1e-2)
+
+    # single device
+    lora, frozen = _split(params)
+    step = _make_step(opt)
+    ref_state = opt.init(lora)
+    ref_lora, ref_losses = lora, []
+    for _ in range(2):
+        ref_lora, ref_state, loss = step(ref_lora, ref_state, frozen, x, y)
+        ref_losses.append(float(loss))
+
+    # data x model mesh: FSDP of the frozen base over `data`, tensor parallel over `model`
+    mesh = make_mesh((2, 4), ("data", "model"))
+    spec = {"up": {"kernel": P("data", "model"), "bias": P("model")},     # column parallel
+            "down": {"kernel": P("model", "data"), "bias": P("data")}}    # row parallel
+    for layer in spec.values():
+        layer.update(lora_a=None, lora_b=None)  # derived from the kernels by shard_params
+    sharded = qjax.shard_params(params, mesh, spec)
+    assert sharded["up"]["lora_a"].sharding.spec == P("data")
+    assert sharded["up"]["lora_b"].sharding.spec == P(None, "model")
+    assert sharded["down"]["lora_a"].sharding.spec == P("model")
+    s_lora, s_frozen = _split(sharded)
+    lora_sh = jax.tree.map(lambda a: a.sharding, s_lora)
+    s_state = jax.jit(opt.init, out_shardings=qjax.optimizer_sharding(opt, s_lora, lora_sh))(s_lora)
+    mu = s_state[0].mu  # optimizer state sharded like the adapters
+    assert mu["up"]["lora_b"].sharding.spec == s_lora["up"]["lora_b"].sharding.spec
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    ys = jax.device_put(y, NamedSharding(mesh, P("data")))
+    step = _make_step(opt)
+    text = step.lower(s_lora, s_state, s_frozen, xs, ys).compile().as_text()
+    gathered = [ln.split("=")[1].split("all-gather")[0] for ln in hlo_collectives(text)]
+    full_codes = [f"u8[{','.join(map(str, params[k]['kernel'].packed.shape))}]" for k in ("up", "down")]
+    assert not [g for g in gathered if any(c in g for c in full_codes)], gathered  # no device rebuilds a kernel
+    losses = []
+    for _ in range(2):
+        s_lora, s_state, loss = step(s_lora, s_state, s_frozen, xs, ys)
+        losses.append(float(loss))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s_lora), jax.tree.leaves(ref_lora)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert s_lora["down"]["lora_b"].sharding.spec == P(None, "data")
+
+
+def test_linen_convert_step_on_2d_mesh_equals_single_device(rng):
+    ql = pytest.importorskip("qjax.linen")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.gelu(nn.Dense(256, name="up")(x))
+            h = nn.DenseGeneral((4, 64), name="heads")(h)  # kernel (256, 4, 64)
+            return nn.DenseGeneral(128, axis=(-2, -1), name="down")(h)
+
+    x = jnp.asarray(rng.standard_normal((16, 128)).astype(np.float32))
+    y = jnp.asarray(rng.standard_normal((16, 128)).astype(np.float32))
+    net = Net()
+    variables = net.init(jax.random.key(int(rng.integers(2**31))), x)
+    qmodel, qvars = ql.convert(net, variables, qjax.LoraConfig(r=4, alpha=8, init="gaussian"),
+                               qjax.QuantConfig(compute_dtype=jnp.float32), jax.random.key(1), inputs=(x,))
+    params = qvars["params"]
+    opt = optax.adam(1e-2)
+
+    def make_step():
+        def loss_fn(adapters, rest, x, y):
+            return jnp.mean((qmodel.apply({"params": qjax.optim.merge_adapters(adapters, rest)}, x) - y) ** 2)
+
+        @jax.jit
+        def step(adapters, opt_state, rest, x, y):
+            loss, g = jax.value_and_grad(loss_fn)(adapters, rest, x, y)
+            updates, opt_state = opt.update(g, opt_state, adapters)
+            return optax.apply_updates(adapters, updates), opt_state, loss
+        return step
+
+    adapters, rest = qjax.optim.split_adapters(params)
+    ref_state, ref_losses, step = opt.init(adapters), [], make_step()
+    for _ in range(2):
+        adapters, ref_state, loss = step(adapters, ref_state, rest, x, y)
+        ref_losses.append(float(loss))
+    ref_adapters = adapters
+
+    mesh = make_mesh((2, 4), ("data", "model"))
+    rule = lambda path, leaf: {"up/kernel": P("data", "model"), "heads/kernel": P("data", "model"),
+                               "down/kernel": P("model", "data")}.get(path)
+    sharded = qjax.shard_params(params, mesh, rule, lora="split_rank")
+    assert sharded["heads"]["lora_b"].sharding.spec == P("data", "model")  # (r, 4, 64): heads split
+    adapters, rest = qjax.optim.split_adapters(sharded)
+    adapter_sh = jax.tree.map(lambda a: a.sharding, adapters)
+    state = jax.jit(opt.init, out_shardings=qjax.optimizer_sharding(opt, adapters, adapter_sh))(adapters)
+    xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
+    losses, step = [], make_step()
+    for _ in range(2):
+        adapters, state, loss = step(adapters, state, rest, xs, ys)
+        losses.append(float(loss))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(ref_adapters)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
