@@ -274,7 +274,7 @@ def test_xla_and_pallas_interpret_trajectories_match(rng):
     x, v = _setup(model, rng, batch=(8,))
     target = jnp.asarray(rng.standard_normal((8, 64)), jnp.float32)
     runs = []
-    for backend in ("xla", "pallas"):
+    for backend in ("xla", "pallas_interpret"):
         qm, qv = ql.convert(model, v, qjax.LoraConfig(r=4), F32, jax.random.key(3), backend=backend)
         runs.append(_train(qm, qv, x, target, adapters_only(optax.adam(1e-2)), 5, False)[2])
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-4)

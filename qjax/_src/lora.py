@@ -90,8 +90,11 @@ def base_matmul(x, kernel, *, n_in: int, out_shape: Sequence[int], compute_dtype
 
     kernel: a 2-D QuantizedArray (K, N) (goes through `qmatmul`) or a dense (*in, *out) array
     (contracted with `lax.dot_general` exactly as nn.Dense / nn.DenseGeneral do it).
+    backend: qmatmul's "auto" / "xla" / "pallas", or "pallas_interpret" (Pallas in interpret mode).
     """
     batch = x.shape[:x.ndim - n_in]
+    if backend == "pallas_interpret":  # the Pallas kernels emulated on any backend (tests, CPU)
+        backend, interpret = "pallas", True
     if is_quantized(kernel):
         x2 = jnp.reshape(x, batch + (_prod(x.shape[x.ndim - n_in:]),))
         y = qmatmul(x2, kernel, compute_dtype=compute_dtype, backend=backend, interpret=interpret,
