@@ -1,12 +1,10 @@
-"""Shared test helpers: fresh random data and the bitsandbytes golden reference."""
+"""pytest setup: rank-promotion errors, a fresh seeded `rng` fixture, the multi-device folder."""
 
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-
-DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 
 
 @pytest.fixture
@@ -15,16 +13,6 @@ def rng(request):
     seed = np.random.SeedSequence().entropy % (2**32)
     request.node.user_properties.append(("seed", seed))
     return np.random.default_rng(seed)
-
-
-def random_weights(rng, shape, dtype="float32", dist="normal"):
-    """Gaussian or heavy-tailed (Student t, 2 dof) weights, exactly representable in dtype."""
-    if dist == "normal":
-        x = rng.standard_normal(shape)
-    else:
-        x = rng.standard_t(2.0, size=shape)
-    x = (x * 0.05).astype(np.float32)
-    return np.array(jax.numpy.asarray(x, DTYPES[dtype]))
 
 
 def pytest_runtest_makereport(item, call):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qjax
-from conftest import random_weights
+from helpers import random_weights
 
 PROJ = ("q_proj", "v_proj")
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import qjax
-from conftest import random_weights
+from helpers import random_weights
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])

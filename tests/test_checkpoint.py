@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import qjax
-from conftest import random_weights
+from helpers import random_weights
 from qlora_trees import qlora_variables
 from qjax.checkpoint import CheckpointError
 

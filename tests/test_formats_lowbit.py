@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import qjax
-from conftest import random_weights
+from helpers import random_weights
 from qjax._src import formats
 from qjax._src.codes import pack_codes, unpack_codes
 from qjax._src.qarray import check_leaves, leaf_shapes

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import qjax
-from conftest import DTYPES, random_weights
+from helpers import DTYPES, random_weights
 from qjax.kernels import _tiles, dispatch, qmatmul_decode, qmatmul_mosaic, qmatmul_triton
 from test_qmatmul import assert_matmul_close
 

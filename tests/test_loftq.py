@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import qjax
-from conftest import random_weights
+from helpers import random_weights
 from qjax._src.loftq import low_rank, relative_error
 
 # Our nf4 codes are bit-identical to bitsandbytes' and the loop is PEFT's, so the two errors

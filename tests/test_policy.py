@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import qjax
-from conftest import random_weights
+from helpers import random_weights
 
 
 def _params(rng):

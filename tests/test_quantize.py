@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 import qjax
 from qjax._src import formats
 from qjax._src.quantize import absmax_f32
-from conftest import random_weights
+from helpers import random_weights
 
 FORMATS_4BIT = ["nf4", "fp4"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import qjax
-from conftest import random_weights
+from helpers import random_weights
 
 bnb = pytest.importorskip("bnb_ref")
 

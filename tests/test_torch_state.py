@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import qjax
-from conftest import random_weights
+from helpers import random_weights
 
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
