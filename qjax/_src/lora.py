@@ -21,10 +21,12 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from qjax._src.qarray import QuantizedArray, is_quantized
-from qjax._src.qmatmul import qmatmul
+from qjax._src.qmatmul import explicit_sharding, qmatmul
 from qjax._src.quantize import dequantize
+from qjax._src.sharded_qmatmul import qmatmul_sharded
 
 
 def _prod(shape: Sequence[int]) -> int:
@@ -97,21 +99,41 @@ def base_matmul(x, kernel, *, n_in: int, out_shape: Sequence[int], compute_dtype
         backend, interpret = "pallas", True
     if is_quantized(kernel):
         x2 = jnp.reshape(x, batch + (_prod(x.shape[x.ndim - n_in:]),))
-        y = qmatmul(x2, kernel, compute_dtype=compute_dtype, backend=backend, interpret=interpret,
-                    precision=precision)
+        kw = dict(compute_dtype=compute_dtype, backend=backend, interpret=interpret, precision=precision)
+        if explicit_sharding(kernel.packed)[1] is not None:  # Explicit mesh axes: per shard, shard_map
+            y = qmatmul_sharded(x2, kernel, **kw)
+        else:
+            y = qmatmul(x2, kernel, **kw)
         return jnp.reshape(y, batch + tuple(out_shape))
     x, kernel = x.astype(compute_dtype), jnp.asarray(kernel).astype(compute_dtype)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     return jax.lax.dot_general(x, kernel, (contract, ((), ())), precision=precision)
 
 
+def _explicit_delta_shardings(x, a, b, n_in: int):
+    """Output specs of the two adapter dots on a mesh with Explicit axes (None elsewhere).
+
+    Explicit axes make a dot over a sharded contraction ambiguous; the adapter's rank axis is
+    small, so x @ A is reduced to x's batch sharding, and (x @ A) @ B is split like B's out axes.
+    """
+    specs = [explicit_sharding(t)[1] for t in (x, a, b)]
+    if all(s is None for s in specs):
+        return None, None
+    pad = lambda spec, n: tuple(spec or ()) + (None,) * (n - len(tuple(spec or ())))  # noqa: E731
+    batch = pad(specs[0], x.ndim)[: x.ndim - n_in]
+    out = pad(specs[2], b.ndim)[1:]
+    return PartitionSpec(*batch, None), PartitionSpec(*batch, *out)
+
+
 def lora_delta(x, lora_a, lora_b, *, n_in: int, scaling: float, precision=None):
     """scaling * x (..., *in) . A (*in, r) . B (r, *out) -> (..., *out), in the promoted dtype of x and A."""
     dtype = jnp.promote_types(x.dtype, lora_a.dtype)
     x, a, b = x.astype(dtype), lora_a.astype(dtype), lora_b.astype(dtype)
+    h_sharding, y_sharding = _explicit_delta_shardings(x, a, b, n_in)
     h = jax.lax.dot_general(x, a, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-                            precision=precision)
-    y = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())), precision=precision)
+                            precision=precision, out_sharding=h_sharding)
+    y = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())), precision=precision,
+                            out_sharding=y_sharding)
     return y * jnp.asarray(scaling, dtype)
 
 

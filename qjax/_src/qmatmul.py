@@ -179,6 +179,16 @@ def _check_args(x, q, compute_dtype):
     return dtype
 
 
+def explicit_sharding(a):
+    """(mesh, spec) of an array whose sharding is part of its type (Explicit mesh axes), else (None, None)."""
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or getattr(mesh, "empty", True) or not any(
+            t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return None, None
+    return mesh, sharding.spec
+
+
 def qmatmul(x, q: QuantizedArray, *, compute_dtype=None, backend: str = "auto", interpret: bool = False,
             precision=None) -> jax.Array:
     """`x @ dequantize(q)` with the dequantization fused into the matmul.
@@ -196,9 +206,15 @@ def qmatmul(x, q: QuantizedArray, *, compute_dtype=None, backend: str = "auto", 
     Returns an array of shape (..., N) in compute_dtype. Differentiable w.r.t. x (the weight is
     frozen: its cotangent is zeros, float0 for integer leaves).
     Raises TypeError for a non-float x or a non-QuantizedArray q; ValueError for mismatched
-    shapes, inconsistent leaves, an unknown backend, or (backend="pallas") a layout no kernel takes.
+    shapes, inconsistent leaves, an unknown backend, (backend="pallas") a layout no kernel takes,
+    or a q sharded over Explicit mesh axes (use `qmatmul_sharded`).
     """
     dtype = _check_args(x, q, compute_dtype)
+    _, spec = explicit_sharding(q.packed)
+    if spec is not None and any(e is not None for e in spec):
+        raise ValueError(f"{q!r} is sharded over Explicit mesh axes ({spec}), which the fused dequantization "
+                         "cannot take under plain jit: call qjax.qmatmul_sharded(x, q) (shard_map; the QLoRA "
+                         "layers do this for you), or build the mesh with AxisType.Auto axes")
     x = jnp.asarray(x)
     resolved = _resolve_backend(backend, x, q, dtype, interpret)
     return _qmatmul(x, q, dtype, resolved, bool(interpret), precision)

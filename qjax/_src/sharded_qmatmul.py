@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from qjax._src.qarray import QuantizedArray, is_quantized
-from qjax._src.qmatmul import qmatmul
+from qjax._src.qmatmul import explicit_sharding, qmatmul
 from qjax._src.quantize import decode_absmax, flat_index
 from qjax._src.sharding import _entry_axes, _normalize, _shards, _spec, quantized_leaf_specs
 
@@ -26,16 +26,6 @@ def _local_absmax(codes, nested, offset, leaf_spec, full_shape):
         axes = _entry_axes(e)
         origin.append(jax.lax.axis_index(axes) * codes.shape[d] if axes else 0)
     return decode_absmax(codes, nested, offset, flat_index(codes.shape, origin, full_shape))
-
-
-def _explicit_spec(a):
-    """(mesh, spec) of an array whose sharding is in its type (Explicit mesh axes), else (None, None)."""
-    sharding = getattr(jax.typeof(a), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or getattr(mesh, "empty", True) or not any(
-            t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-        return None, None
-    return mesh, sharding.spec
 
 
 def _weight_spec_from_codes(q: QuantizedArray, packed_spec) -> PartitionSpec:
@@ -59,14 +49,14 @@ def qmatmul_sharded(x, q: QuantizedArray, mesh=None, spec=None, *, x_spec=None, 
     if not is_quantized(q) or q.ndim != 2:
         raise ValueError(f"qmatmul_sharded needs a 2-D QuantizedArray (K, N), got {q!r}")
     if mesh is None or spec is None:
-        typed_mesh, packed_spec = _explicit_spec(q.packed)
+        typed_mesh, packed_spec = explicit_sharding(q.packed)
         if typed_mesh is None:
             raise ValueError("qmatmul_sharded needs mesh= and spec= (the weight's PartitionSpec over (K, N)): "
                              "only arrays on a mesh with Explicit axes carry their sharding in their type")
         mesh = mesh if mesh is not None else typed_mesh
         spec = spec if spec is not None else _weight_spec_from_codes(q, packed_spec)
         if x_spec is None:
-            x_spec = _explicit_spec(x)[1]
+            x_spec = explicit_sharding(x)[1]
     k_entry, n_entry = _normalize(spec, 2, mesh, f"weight spec for {q!r}")
     if x_spec is None:
         x_spec = PartitionSpec(*([None] * (x.ndim - 1)), k_entry)
