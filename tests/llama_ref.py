@@ -89,7 +89,7 @@ def forward(weights: dict, ids, *, n_layers, n_heads, n_kv_heads, theta, eps, in
         k = _rope(k, pos, theta, interleaved_rope).astype(np.float32)
         rep = n_heads // n_kv_heads
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
-        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(d)
+        s = np.einsum("thd,shd->hts", q, k) / float(np.sqrt(d))  # a Python float keeps float32
         s = np.where(causal[None], s, -np.inf)
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
@@ -98,6 +98,7 @@ def forward(weights: dict, ids, *, n_layers, n_heads, n_kv_heads, theta, eps, in
         h = _rms_norm(x, w("ffn_norm"), eps)
         g, u = h @ w("ffn_gate").T, h @ w("ffn_up").T
         x = x + (g / (1.0 + np.exp(-g)) * u) @ w("ffn_down").T
+        assert x.dtype == np.float32, x.dtype  # a float64 slip would also make this 10x slower
     x = _rms_norm(x, weights["output_norm.weight"], eps)
     head = weights.get("output.weight", emb)
     return (x @ head.T).astype(np.float32)

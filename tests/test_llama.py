@@ -212,16 +212,23 @@ def test_smollm2_config(smollm2):
 def test_smollm2_matches_numpy_llama_cpp_reference(smollm2):
     """Flax on un-permuted weights + half rotation == numpy on raw GGUF weights + pairwise rotation."""
     path, config, params, tokenizer = smollm2
-    ids = tokenizer.encode(open(GPL).read()).ids[:128]
+    ids = tokenizer.encode(open(GPL).read()).ids[:64]
     logits = np.asarray(jax.jit(LlamaForCausalLM(config).apply)({"params": params}, jnp.asarray([ids])))[0]
     weights, meta = llama_ref.read_gguf_weights(path)
     ref = llama_ref.forward(weights, ids, n_layers=30, n_heads=9, n_kv_heads=3,
                             theta=meta["llama.rope.freq_base"],
                             eps=meta["llama.attention.layer_norm_rms_epsilon"], interleaved_rope=True)
     np.testing.assert_allclose(logits, ref, atol=REAL_ATOL, rtol=0)
-    ppl, ppl_ref = llama_ref.perplexity(logits, ids), llama_ref.perplexity(ref, ids)
-    np.testing.assert_allclose(ppl, ppl_ref, rtol=1e-4)
-    assert 15 < ppl < 30, ppl  # DATA.md: 21.7 on 256 tokens; 180 with the q/k permutation left in
+    np.testing.assert_allclose(llama_ref.perplexity(logits, ids), llama_ref.perplexity(ref, ids), rtol=1e-4)
+
+
+def test_smollm2_perplexity_on_real_text(smollm2):
+    """DATA.md measured 21.7 on GPL-3's first 256 tokens with its own numpy pass (180 without the
+    q/k un-permute); text.perplexity gives the same within float32 noise."""
+    _, config, params, tokenizer = smollm2
+    ids = tokenizer.encode(open(GPL).read()).ids[:256]
+    ppl = perplexity(LlamaForCausalLM(config), {"params": params}, np.asarray([ids]), batch_size=1)
+    assert abs(ppl - 21.7) < 0.05, ppl
 
 
 def test_smollm2_greedy_generation_is_coherent(smollm2):
