@@ -1,5 +1,6 @@
 """qjax.models.llama, its GGUF loader and text helpers: against an independent numpy forward pass."""
 
+import dataclasses
 import os
 import re
 import time
@@ -288,3 +289,73 @@ def test_smollm2_matches_transformers_llama(smollm2):
         ref = hf(torch.tensor([ids])).logits[0].numpy()
     logits = np.asarray(jax.jit(LlamaForCausalLM(config).apply)({"params": params}, jnp.asarray([ids])))[0]
     np.testing.assert_allclose(logits, ref, atol=REAL_ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------ a tiny GGUF written right here
+
+def _bytes_to_unicode():
+    """GPT-2's byte -> printable character table (byte-level BPE's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _write_tiny_gguf(path, cfg, params):
+    """A Llama GGUF as llama.cpp's converter writes it: (out, in) rows, q/k permuted, F32 and F16."""
+    gguf = pytest.importorskip("gguf")
+    alphabet = [_bytes_to_unicode()[b] for b in range(256)]
+    tokens = ["<|endoftext|>", "<|im_start|>"] + alphabet + ["Ġt", "he", "Ġthe"]
+    merges = ["Ġ t", "h e", "Ġt he"]
+    assert len(tokens) == cfg.vocab_size
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3] + [1] * (len(tokens) - 2))
+    w.add_token_merges(merges)
+    weights = llama_ref.flax_to_gguf_names(params, cfg.num_hidden_layers)
+    for name, x in weights.items():
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads
+            x = x.reshape(heads, 2, x.shape[0] // heads // 2, x.shape[1]).swapaxes(1, 2).reshape(x.shape)
+        # norms F32 (as llama.cpp keeps them), the rest F16 to exercise a second tensor type
+        w.add_tensor(name, x if x.ndim == 1 else x.astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return weights
+
+
+def test_tiny_gguf_round_trip(tmp_path, rng):
+    """Writer (llama.cpp layout) -> qjax loader -> Flax model == the model the weights came from."""
+    pytest.importorskip("tokenizers")
+    cfg = LlamaConfig.tiny(vocab_size=261, rope_theta=50000.0, max_position_embeddings=64)
+    model, params = _init(cfg)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float16).astype(jnp.float32), params)
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(path, cfg, params)
+    config, loaded, tokenizer = qgguf.load_gguf(str(path))
+    assert config == dataclasses.replace(cfg, rms_norm_eps=config.rms_norm_eps, initializer_range=0.02)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, 10)))
+    np.testing.assert_array_equal(model.apply({"params": loaded}, ids), model.apply({"params": params}, ids))
+    enc = tokenizer.encode("<|im_start|>the 42")
+    assert [tokenizer.id_to_token(i) for i in enc.ids] == ["<|im_start|>", "t", "he", "Ġ", "4", "2"]
+    assert tokenizer.decode(enc.ids, skip_special_tokens=False) == "<|im_start|>the 42"
+    assert tokenizer.encode(" then").ids[0] == tokenizer.token_to_id("Ġthe")  # merges applied in rank order
