@@ -144,14 +144,15 @@ def llama_params_from_gguf(source=None, config: LlamaConfig | None = None, dtype
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         w = w.reshape(tuple(int(n) for n in reversed(t.shape)))
         name = t.name.removesuffix(".weight")
+        parts = name.split(".")
         if name == "token_embd":
             path, value = ("embed_tokens", "embedding"), w
         elif name == "output_norm":
             path, value = ("norm", "scale"), w
         elif name == "output":
             path, value = ("lm_head", "kernel"), w.T
-        elif name.startswith("blk.") and name.split(".")[2] in _LAYER_MAP:
-            _, i, kind = name.split(".")
+        elif len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_MAP:
+            _, i, kind = parts
             module, leaf = _LAYER_MAP[kind]
             if kind == "attn_q":
                 w = unpermute_qk(w, config.num_attention_heads)
@@ -161,7 +162,7 @@ def llama_params_from_gguf(source=None, config: LlamaConfig | None = None, dtype
                 path, value = (f"layers_{i}", module, "scale"), w
             else:
                 path, value = (f"layers_{i}", module, leaf, "kernel"), w.T
-        elif name == "rope_freqs" or name.endswith("rope_freqs"):
+        elif name.endswith("rope_freqs"):
             raise ValueError(f"tensor {t.name!r}: rope scaling factors are not supported")
         else:
             raise ValueError(f"unexpected tensor {t.name!r} in a Llama GGUF file")
