@@ -8,7 +8,7 @@ Loads SmolLM2-135M-Instruct from its GGUF file, quantizes every linear layer to 
 quantization (embeddings and norms kept in 16-bit), adds LoRA adapters to all of them
 (target_modules="all-linear"), trains only the adapters with optax under jax.jit, and reports
 held-out perplexity of the 16-bit model, the NF4 model before training and after. Writes the loss
-curve (PNG) and the adapters (orbax) to --out. The last line is `held-out perplexity: BEFORE -> AFTER`.
+curve (PNG) and the adapters (qjax orbax checkpoint and PEFT format) to --out. The last line is `held-out perplexity: BEFORE -> AFTER`.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def finetune(config: LlamaConfig, params16, tokenizer, args, log=print) -> dict:
 
     os.makedirs(args.out, exist_ok=True)
     png = _plot(losses, os.path.join(args.out, "loss.png"), log)
-    saved = _save_adapters(adapters, os.path.join(args.out, "adapters"), log)
+    saved = _save_adapters(adapters, lora_config, args.out, log)
     return dict(ppl16=ppl16, before=before, after=after, losses=losses, png=png, adapters=saved,
                 sample_before=sample_before, sample_after=sample_after)
 
@@ -261,20 +261,15 @@ def _plot(losses, path, log):
     return path
 
 
-def _save_adapters(adapters, path, log):
-    from qjax._src.policy import path_str
-    flat = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(adapters)[0]}
-    try:
-        import orbax.checkpoint as ocp
-        path = os.path.abspath(path)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(path, flat, force=True)
-        checkpointer.wait_until_finished()
-    except ImportError:
-        path += ".npz"
-        np.savez(path, **flat)
-    log(f"adapters: {path} ({len(flat)} arrays)")
-    return path
+def _save_adapters(adapters, lora_config, out, log):
+    """Adapters as a qjax (orbax) checkpoint and as a PEFT adapter directory (HF module names)."""
+    variables = {"params": adapters}
+    qjax.checkpoint.save_adapters(os.path.abspath(os.path.join(out, "adapters")), variables, lora_config, force=True)
+    peft_dir = os.path.join(out, "peft_adapter")
+    names = qjax.interop.save_peft_adapter(peft_dir, variables, lora_config, task_type="CAUSAL_LM",
+                                           base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    log(f"adapters: {os.path.join(out, 'adapters')} (qjax/orbax), {peft_dir} (PEFT, {len(names)} modules)")
+    return os.path.join(out, "adapters")
 
 
 # ------------------------------------------------------------------------------------------- main

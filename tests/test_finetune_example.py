@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import qjax
+
 from qjax.models.llama import LlamaConfig, LlamaForCausalLM
 
 GPL = "/usr/share/common-licenses/GPL-3"
@@ -57,7 +59,11 @@ def test_main_end_to_end_on_tiny_model(ex, tmp_path, monkeypatch, capsys):
     for what in ("16-bit model", "NF4 model before", "NF4 model after", "sample before", "sample after",
                  "NF4 + DQ base", "LoRA adapters"):
         assert what in out, what
-    assert os.path.isdir(tmp_path / "adapters") or os.path.isfile(tmp_path / "adapters.npz")
+    config = qjax.checkpoint.read_adapter_config(str(tmp_path / "adapters"))
+    assert config.r == 16 and config.target_modules == "all-linear"
+    peft_config = json.loads((tmp_path / "peft_adapter" / "adapter_config.json").read_text())
+    assert peft_config["r"] == 16 and peft_config["task_type"] == "CAUSAL_LM"
+    assert "q_proj" in peft_config["target_modules"]
     if importlib.util.find_spec("matplotlib"):
         assert os.path.getsize(tmp_path / "loss.png") > 1000
 
