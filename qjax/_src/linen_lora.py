@@ -139,8 +139,9 @@ class QLoRADense(nn.Module):
 
     Fields as nn.Dense (`features`, `use_bias`, `dtype`, `param_dtype`, `precision`, `kernel_init`,
     `bias_init`), plus `lora_config` (None: no adapters), `quant_config` (None: 16-bit LoRA, the
-    kernel stays dense), `backend` (qmatmul backend: "auto", "xla", "pallas", or "pallas_interpret" to emulate the kernels) and `deterministic` (None: LoRA dropout is on
-    when a 'dropout' rng is given).
+    kernel stays dense), `backend` (qmatmul backend: "auto", "xla", "pallas", or "pallas_interpret"
+    to emulate the kernels) and `deterministic` (None: LoRA dropout is on when a 'dropout' rng is
+    given).
     Variables: params/kernel: QuantizedArray (in, features) (or dense); params/bias (features,);
     params/lora_a (in, r); params/lora_b (r, features).
     Call: inputs (..., in) -> (..., features) in `dtype` (default: promoted dtype of inputs and

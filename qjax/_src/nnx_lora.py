@@ -54,14 +54,19 @@ class _QLoRABase(nnx.Module):
         else:
             self.lora_dropout = nnx.data(None)
 
-    def _apply(self, x):
-        n_in = len(self.in_shape)
+    def _operands(self, x):
+        """(kernel, bias, out dtype, compute dtype of the base matmul) for input x."""
         kernel = self.kernel.get_value()
         bias = self.bias.get_value() if self.bias is not None else None
         out_dtype = self.dtype or jnp.promote_types(x.dtype, L.kernel_dtype(kernel))
         compute = out_dtype
         if is_quantized(kernel) and self.quant_config is not None and self.quant_config.compute_dtype is not None:
             compute = self.quant_config.compute_dtype
+        return kernel, bias, out_dtype, compute
+
+    def _apply(self, x):
+        n_in = len(self.in_shape)
+        kernel, bias, out_dtype, compute = self._operands(x)
         base = L.lora_linear(x, kernel, bias, None, None, n_in=n_in, out_shape=self.out_shape, scaling=0.0,
                              compute_dtype=compute, out_dtype=compute, precision=self.precision,
                              backend=self.backend)
@@ -222,12 +227,7 @@ class QLoRAEinsum(_QLoRABase):
         if einsum_str is not None and einsum_str.replace(" ", "") != self.einsum_str:
             raise ValueError(f"QLoRAEinsum was converted for {self.einsum_str!r}; called with {einsum_str!r}")
         plan = L.EinsumPlan(self.einsum_str)
-        kernel = self.kernel.get_value()
-        bias = self.bias.get_value() if self.bias is not None else None
-        out_dtype = self.dtype or jnp.promote_types(x.dtype, L.kernel_dtype(kernel))
-        compute = out_dtype
-        if is_quantized(kernel) and self.quant_config is not None and self.quant_config.compute_dtype is not None:
-            compute = self.quant_config.compute_dtype
+        kernel, bias, out_dtype, compute = self._operands(x)
         base = L.einsum_lora(x, plan, kernel, bias, None, None, out_shape=self.out_shape, scaling=0.0,
                              compute_dtype=compute, out_dtype=compute, precision=self.precision,
                              backend=self.backend)
