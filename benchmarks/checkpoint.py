@@ -97,7 +97,7 @@ def main():
         rows.append((name, n_params, mem, disk, t_save, t_restore, ok))
         del tree
     shutil.rmtree(args.dir, ignore_errors=True)
-    print(f"| tree | params | in memory (GB) | on disk (GB) | disk vs bf16 | save (s) | restore (s) | bit-identical |")
+    print("| tree | params | in memory (GB) | on disk (GB) | disk vs bf16 | save (s) | restore (s) | bit-identical |")
     print("|---|---|---|---|---|---|---|---|")
     for name, n, mem, disk, ts, tr, ok in rows:
         print(f"| {name} | {n / 1e9:.3f} B | {mem / 1e9:.3f} | {disk / 1e9:.3f} | {disk / rows[0][3]:.3f} | "

@@ -14,7 +14,6 @@ import pytest
 
 import qjax
 from helpers import random_weights
-from qlora_trees import qlora_variables
 from qjax.checkpoint import CheckpointError
 
 CASES = [("nf4", 64, True, False, "bfloat16", (64, 128)),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from typing import Any
 
 import jax
 import numpy as np

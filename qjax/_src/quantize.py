@@ -15,7 +15,7 @@ import numpy as np
 
 from qjax._src import formats
 from qjax._src.codes import code_index, lookup, pack_codes, unpack_codes
-from qjax._src.qarray import QuantizedArray, is_structured, num_blocks
+from qjax._src.qarray import QuantizedArray, is_structured
 
 _F32 = jnp.float32
 # bitsandbytes clamps a zero absmax of the last partial block to this value (and stores it).

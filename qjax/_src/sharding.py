@@ -122,7 +122,6 @@ def quantized_leaf_specs(q: QuantizedArray, spec: SpecLike, mesh, what: str = ""
     logical = _normalize(spec, q.ndim, mesh, what)
     storage_shape = q.storage_shape
     storage = _swap_last2(logical) if q.transposed else logical
-    bits = formats.get_format(q.format).bits
     nested = PartitionSpec() if q.double_quant else None
     out = {"nested_absmax": nested, "offset": nested}
 
