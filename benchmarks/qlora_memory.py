@@ -112,7 +112,11 @@ def build(cfg: LlamaConfig, mode: str, tokens):
     init = lambda: model.init(jax.random.key(0), tokens)
     if mode == "full":
         return model, init
-    quant = qjax.QuantConfig(format="nf4", blocksize=64, double_quant=True) if mode == "qlora" else None
+    # "qlora": the default policy (embedding, lm_head and norms stay 16-bit, as bitsandbytes/PEFT);
+    # "qlora_head": lm_head quantized too (frozen, no adapter), only the embedding and norms kept.
+    skip = {"qlora": qjax.DEFAULT_SKIP, "qlora_head": ("*embed*", "*norm*")}
+    quant = (qjax.QuantConfig(format="nf4", blocksize=64, double_quant=True, skip=skip[mode])
+             if mode in skip else None)
     lora = qjax.LoraConfig(r=16, alpha=32)
     holder = {}
 
@@ -167,14 +171,16 @@ def memory_table(compile_it, batch, seq):
              "| model | mode | weights GiB | opt state GiB | weights+opt GiB | x bf16 LoRA | peak temp GiB |",
              "|---|---|---|---|---|---|---|"]
     for name in ("llama-1B", "llama-7B"):
-        rows = {m: memory_row(name, CONFIGS[name], m, batch, seq, compile_it) for m in ("full", "lora16", "qlora")}
+        modes = ("full", "lora16", "qlora", "qlora_head")
+        rows = {m: memory_row(name, CONFIGS[name], m, batch, seq, compile_it) for m in modes}
         ref = rows["lora16"]["weights"] + rows["lora16"]["opt_state"]
-        for mode, label in (("full", "full FT (bf16)"), ("lora16", "bf16 LoRA"), ("qlora", "qjax QLoRA")):
+        for mode, label in (("full", "full FT (bf16)"), ("lora16", "bf16 LoRA"), ("qlora", "qjax QLoRA"),
+                            ("qlora_head", "qjax QLoRA, lm_head NF4")):
             r = rows[mode]
             tot = r["weights"] + r["opt_state"]
             lines.append(f"| {name} ({rows['full']['n_params'] / 1e9:.2f}B params) | {label} | {gib(r['weights'])} | "
                          f"{gib(r['opt_state'])} | {gib(tot)} | {tot / ref:.3f} | {gib(r['temp'])} |")
-        print("\n".join(lines[-3:]), flush=True)
+        print("\n".join(lines[-len(modes):]), flush=True)
     return "\n".join(lines)
 
 
