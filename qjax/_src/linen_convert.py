@@ -26,7 +26,7 @@ class ConversionSpec:
 
     layers: tuple[LayerSpec, ...]
     lora_config: LoraConfig | None
-    quant_config: QuantConfig | None
+    quant_config: Any  # QuantConfig, a per-path policy (QuantRules) or None; layers hold their own choice
     backend: str = "auto"
 
     def layer(self, path: str) -> LayerSpec | None:
@@ -63,7 +63,7 @@ def _make_interceptor(spec: ConversionSpec, root: tuple[str, ...]):
         if layer is None:
             return next_fun(*args, **kwargs)
         lora = spec.lora_config if layer.lora else None
-        quant = spec.quant_config if layer.quantized else None
+        quant = (layer.quant_config or spec.quant_config) if layer.quantized else None
         if isinstance(module, nn.Einsum):
             if layer.einsum is None:
                 raise TypeError(f"{rel!r} was converted as a Dense layer, but the module called there is an "
@@ -254,6 +254,15 @@ def _quantize(spec: LayerSpec, kernel, quant_config):
     return L.quantize_kernel(kernel, len(spec.in_shape), quant_config, lead=len(spec.lead))
 
 
+def _loftq(spec: LayerSpec, kernel, lora_config: LoraConfig, quant_config: QuantConfig):
+    """(q, lora_a, lora_b) of one layer (stacked layers one by one) by LoftQ."""
+    if spec.einsum is not None:
+        plan = L.EinsumPlan(spec.einsum)
+        return L.loftq_kernel(kernel, len(plan.in_labels), lora_config, quant_config, lead=len(spec.lead),
+                              perm=plan.perm)
+    return L.loftq_kernel(kernel, len(spec.in_shape), lora_config, quant_config, lead=len(spec.lead))
+
+
 def _merged(layer: LayerSpec, kernel, a, b, scaling: float, dtype):
     """The merged dense kernel of one converted layer in the original module's layout (*lead, ...)."""
     if layer.einsum is not None:
@@ -274,9 +283,16 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
 
     model: the original (unbound) module. variables: its variables ({"params": ...}).
     lora_config: which layers get adapters (None: none, quantization only).
-    quant_config: how kernels are quantized; a layer's kernel is quantized when
-      `quant_config.selects("params/<module path>/kernel")` (None: 16-bit LoRA, no quantization).
+    quant_config: how kernels are quantized: a QuantConfig, or a per-path policy such as
+      `qjax.QuantRules` / `qjax.first_blocks(k, high, low)` (mixed precision). A layer's kernel is
+      quantized with `quant_config.config_for("params/<module path>/kernel")` (None: kept 16-bit,
+      as are kernels smaller than that config's min_size). quant_config=None: 16-bit LoRA.
     rng: jax key for the adapters' A matrices.
+    With `LoraConfig(init="loftq")` every layer that gets adapters and a quantized kernel is
+    initialized by `qjax.loftq_init` (rank r, loftq_iter iterations, scaling folded in): the
+    converted model approximates the original instead of the quantized base. Kernels of rank > 2
+    are flattened to (prod(in), prod(out)) for it; stacked (scanned) layers are done one by one.
+    Layers whose kernel stays dense get the default init (there is no quantization error).
     inputs: optional example positional args (a tuple, or one array) for `model.apply`. With them the
       layers are found by tracing one abstract forward pass (exact: DenseGeneral axes, scanned
       layers, Einsum/Conv told apart). Without them, every rank-2 `kernel` in the params is taken as
@@ -308,12 +324,14 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
     lora_paths = set(L.select_layers(paths, lora_config)) if lora_config is not None else set()
     specs = []
     for layer in layers:
-        quantized = quant_config is not None and quant_config.selects(f"params/{layer.path}/kernel") and \
-            int(jnp.size(_get(params, layer.path.split("/") + ["kernel"]))) >= quant_config.min_size
+        qc = quant_config.config_for(f"params/{layer.path}/kernel") if quant_config is not None else None
+        quantized = qc is not None and \
+            int(jnp.size(_get(params, layer.path.split("/") + ["kernel"]))) >= qc.min_size
         if layer.path in lora_paths:
             L.check_rank(lora_config.r, layer.in_shape, layer.out_shape, f"params/{layer.path}")
         if layer.path in lora_paths or quantized:
-            specs.append(dataclasses.replace(layer, lora=layer.path in lora_paths, quantized=quantized))
+            specs.append(dataclasses.replace(layer, lora=layer.path in lora_paths, quantized=quantized,
+                                             quant_config=qc if quantized else None))
     if not specs:
         raise ValueError(f"no layer of {type(model).__name__} was selected for LoRA or quantization; "
                          f"its linear layers are {paths}")
@@ -323,9 +341,18 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
     for spec, key in zip(specs, keys):
         where = spec.path.split("/")
         kernel = _get(params, where + ["kernel"])
+        if spec.lora and spec.quantized and lora_config.init == "loftq":
+            try:
+                q, a, b = _loftq(spec, kernel, lora_config, spec.quant_config)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"params/{spec.path}/kernel: {e}") from None
+            _set(params, where + ["kernel"], q)
+            _set(params, where + ["lora_a"], a)
+            _set(params, where + ["lora_b"], b)
+            continue
         if spec.quantized:
             try:
-                q = _quantize(spec, kernel, quant_config)
+                q = _quantize(spec, kernel, spec.quant_config)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"params/{spec.path}/kernel: {e}") from None
             _set(params, where + ["kernel"], q)
@@ -361,7 +388,7 @@ def merge(qlora_model: nn.Module, qlora_variables, dtype=None, *, requantize: Qu
     model = _instantiate(base_cls, qlora_model)
     if requantize is None:
         return model, variables
-    layers = tuple(dataclasses.replace(s, lora=False, quantized=True) for s in spec.layers)
+    layers = tuple(dataclasses.replace(s, lora=False, quantized=True, quant_config=requantize) for s in spec.layers)
     for layer in layers:
         where = layer.path.split("/") + ["kernel"]
         _set(params, where, _quantize(layer, _get(params, where), requantize))

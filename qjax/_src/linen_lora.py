@@ -37,6 +37,7 @@ class LayerSpec:
     lora: bool = True
     quantized: bool = True
     einsum: str | None = None  # the equation of an nn.Einsum layer (None: Dense / DenseGeneral)
+    quant_config: QuantConfig | None = None  # this layer's own config (a QuantRules' choice); None: the spec's
 
 
 # ----------------------------------------------------------------------------- the layer math
@@ -65,17 +66,25 @@ def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraC
             w = jnp.reshape(w, in_shape + features)
         else:
             w = kernel_init(rng, in_shape + features, module.param_dtype)
-        w = meta.unbox(w)
-        return L.quantize_kernel(w, n_in, quant) if quant is not None else w
+        return meta.unbox(w)
 
-    kernel = module.param("kernel", kernel_init_fn)
+    loftq = None
+    if L.wants_loftq(lora, quant) and module.is_initializing() and not module.has_variable("params", "kernel"):
+        # LoftQ init of a fresh layer: kernel and adapters come from the same dense kernel.
+        L.check_rank(lora.r, in_shape, features, where)
+        loftq = L.loftq_kernel(kernel_init_fn(module.make_rng("params")), n_in, lora, quant)
+    kernel = module.param("kernel", lambda rng: loftq[0] if loftq is not None else
+                          (L.quantize_kernel(kernel_init_fn(rng), n_in, quant) if quant is not None
+                           else kernel_init_fn(rng)))
     bias = module.param("bias", lambda rng: meta.unbox(module.bias_init(rng, features, module.param_dtype))) \
         if module.use_bias else None
     lora_a = lora_b = None
     if lora is not None:
         L.check_rank(lora.r, in_shape, features, where)
-        lora_a = module.param("lora_a", lambda rng: L.init_adapters(rng, in_shape, features, lora.r, lora.init)[0])
-        lora_b = module.param("lora_b", lambda rng: L.init_adapters(rng, in_shape, features, lora.r, lora.init)[1])
+        lora_a = module.param("lora_a", lambda rng: loftq[1] if loftq is not None else
+                              L.init_adapters(rng, in_shape, features, lora.r, lora.init)[0])
+        lora_b = module.param("lora_b", lambda rng: loftq[2] if loftq is not None else
+                              L.init_adapters(rng, in_shape, features, lora.r, lora.init)[1])
     expected = (int(np.prod(in_shape)), int(np.prod(features))) if is_quantized(kernel) else in_shape + features
     if tuple(kernel.shape) != expected:
         raise ValueError(f"{where}: kernel has shape {tuple(kernel.shape)}, expected {expected} for inputs "
@@ -91,7 +100,7 @@ def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraC
                          scaling=lora.scaling if lora is not None else 0.0, compute_dtype=compute_dtype,
                          out_dtype=out_dtype, precision=module.precision,
                          dropout_rate=lora.dropout if lora is not None else 0.0, dropout_key=key,
-                         backend=backend)
+                         backend=backend, int8_threshold=L.llm_int8_threshold(kernel, quant))
 
 
 def _einsum_call(module: nn.Module, inputs, einsum_str, *, lora: LoraConfig | None, quant: QuantConfig | None,
@@ -110,14 +119,21 @@ def _einsum_call(module: nn.Module, inputs, einsum_str, *, lora: LoraConfig | No
         w = meta.unbox(module.kernel_init(rng, shape, module.param_dtype))
         return L.quantize_einsum_kernel(plan, w, quant) if quant is not None else w
 
-    kernel = module.param("kernel", kernel_init_fn)
+    loftq = None
+    if L.wants_loftq(lora, quant) and module.is_initializing() and not module.has_variable("params", "kernel"):
+        L.check_rank(lora.r, in_shape, out_shape, where)
+        w = meta.unbox(module.kernel_init(module.make_rng("params"), shape, module.param_dtype))
+        loftq = L.loftq_kernel(w, len(in_shape), lora, quant, perm=plan.perm)
+    kernel = module.param("kernel", lambda rng: loftq[0] if loftq is not None else kernel_init_fn(rng))
     bias = module.param("bias", lambda rng: meta.unbox(module.bias_init(rng, out_shape, module.param_dtype))) \
         if module.use_bias else None
     lora_a = lora_b = None
     if lora is not None:
         L.check_rank(lora.r, in_shape, out_shape, where)
-        lora_a = module.param("lora_a", lambda rng: L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init)[0])
-        lora_b = module.param("lora_b", lambda rng: L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init)[1])
+        lora_a = module.param("lora_a", lambda rng: loftq[1] if loftq is not None else
+                              L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init)[0])
+        lora_b = module.param("lora_b", lambda rng: loftq[2] if loftq is not None else
+                              L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init)[1])
     expected = (int(np.prod(in_shape)), int(np.prod(out_shape))) if is_quantized(kernel) else shape
     if tuple(kernel.shape) != expected:
         raise ValueError(f"{where}: kernel has shape {tuple(kernel.shape)}, expected {expected} for "
@@ -131,7 +147,8 @@ def _einsum_call(module: nn.Module, inputs, einsum_str, *, lora: LoraConfig | No
     return L.einsum_lora(inputs, plan, kernel, bias, lora_a, lora_b, out_shape=out_shape,
                          scaling=lora.scaling if lora is not None else 0.0, compute_dtype=compute_dtype,
                          out_dtype=out_dtype, precision=module.precision,
-                         dropout_rate=lora.dropout if lora is not None else 0.0, dropout_key=key, backend=backend)
+                         dropout_rate=lora.dropout if lora is not None else 0.0, dropout_key=key, backend=backend,
+                         int8_threshold=L.llm_int8_threshold(kernel, quant))
 
 
 class QLoRADense(nn.Module):

@@ -49,17 +49,17 @@ def init_adapters(key, in_shape: Sequence[int], out_shape: Sequence[int], r: int
     init "default": A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's kaiming_uniform_(a=sqrt(5)),
     PEFT's default), B = 0. "gaussian": A ~ N(0, 1/r^2), B = 0. Either way B = 0, so the adapted
     layer starts out computing exactly what its base computes.
-    Raises NotImplementedError for "loftq" (it needs the base weight, see the LoftQ issue).
+    "loftq" needs the base weight and a quantizer (`loftq_kernel`); here, for a layer whose base
+    stays dense (16-bit LoRA, or a layer a QuantRules keeps in 16 bits), there is no quantization
+    error to correct, so it falls back to "default" (the layer computes the original one).
     """
     in_shape, out_shape, lead = tuple(in_shape), tuple(out_shape), tuple(lead)
     a_shape = lead + in_shape + (r,)
-    if init == "default":
+    if init in ("default", "loftq"):
         bound = 1.0 / math.sqrt(_prod(in_shape))
         a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
     elif init == "gaussian":
         a = jax.random.normal(key, a_shape, jnp.float32) / r
-    elif init == "loftq":
-        raise NotImplementedError("LoraConfig(init='loftq') is not available yet; use 'default' or 'gaussian'")
     else:
         raise ValueError(f"Unknown LoRA init {init!r}. It needs to be one of ['default', 'gaussian', 'loftq'].")
     b = jnp.zeros(lead + (r,) + out_shape, dtype)
@@ -86,15 +86,67 @@ def quantize_kernel(kernel, n_in: int, quant_config, lead: int = 0) -> Quantized
     return fn(flat)
 
 
+def loftq_kernel(kernel, n_in: int, lora_config, quant_config, lead: int = 0, perm=None):
+    """LoftQ init of one layer (or a stack of `lead`-axis layers): (q, lora_a, lora_b).
+
+    kernel: dense (*lead, *kernel_axes); `perm` (optional) orders one layer's kernel axes as
+    (*in, *out) (Einsum kernels), after which the first `n_in` axes are the in axes. Each layer's
+    kernel is flattened to (prod(in), prod(out)) and initialized by `qjax.loftq_init` (rank
+    lora_config.r, lora_config.loftq_iter iterations, the scaling folded in); stacked layers are
+    handled one by one with vmap. Returns q: a 2-D QuantizedArray (with the lead axes on its
+    leaves, like `quantize_kernel`), lora_a (*lead, *in, r), lora_b (*lead, r, *out), float32, with
+    `x . deq(q) + scaling * x . lora_a . lora_b ≈ x . kernel`.
+    """
+    from qjax._src.loftq import loftq_init
+
+    if perm is not None:
+        kernel = jnp.transpose(kernel, tuple(range(lead)) + tuple(lead + p for p in perm))
+    shape = tuple(kernel.shape)
+    in_shape, out_shape = shape[lead:lead + n_in], shape[lead + n_in:]
+    flat = jnp.reshape(kernel, shape[:lead] + (_prod(in_shape), _prod(out_shape)))
+    if lead and not isinstance(kernel, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(kernel))):
+        raise ValueError(f"kernel of shape={shape} holds NaN/Inf values; quantizing it would give wrong codes")
+    q, a, b = vmap_lead(lambda w: loftq_init(w, lora_config, quant_config), lead)(flat)
+    r = lora_config.r
+    return (q, jnp.reshape(a, shape[:lead] + in_shape + (r,)).astype(jnp.float32),
+            jnp.reshape(b, shape[:lead] + (r,) + out_shape).astype(jnp.float32))
+
+
+def wants_loftq(lora_config, quant_config) -> bool:
+    """True when a layer with these configs is initialized by LoftQ (a quantized base and init="loftq")."""
+    return lora_config is not None and quant_config is not None and lora_config.init == "loftq"
+
+
+def llm_int8_threshold(kernel, quant_config):
+    """The LLM.int8 threshold for a layer's base matmul, or None when it uses qmatmul.
+
+    A quantized kernel goes through `int8_matmul` when the layer's config `is_llm_int8` (int8,
+    blocksize None); without a config, a per-channel int8 kernel uses the default threshold 6.0.
+    """
+    if not is_quantized(kernel):
+        return None
+    if quant_config is not None:
+        return float(quant_config.llm_int8_threshold) if quant_config.is_llm_int8 else None
+    return 6.0 if kernel.format == "int8" and kernel.blocksize is None else None
+
+
 def base_matmul(x, kernel, *, n_in: int, out_shape: Sequence[int], compute_dtype, precision=None,
-                backend: str = "auto", interpret: bool = False):
+                backend: str = "auto", interpret: bool = False, int8_threshold: float | None = None):
     """x (..., *in) . kernel -> (..., *out) in compute_dtype.
 
     kernel: a 2-D QuantizedArray (K, N) (goes through `qmatmul`) or a dense (*in, *out) array
     (contracted with `lax.dot_general` exactly as nn.Dense / nn.DenseGeneral do it).
     backend: qmatmul's "auto" / "xla" / "pallas", or "pallas_interpret" (Pallas in interpret mode).
+    int8_threshold: not None for an LLM.int8 layer (a per-channel int8 kernel): the product is
+      `int8_matmul(x, kernel, threshold=int8_threshold)` (activations cast to compute_dtype;
+      outlier columns in 16-bit, the rest int8 with int32 accumulation) instead of qmatmul.
     """
     batch = x.shape[:x.ndim - n_in]
+    if int8_threshold is not None and is_quantized(kernel):
+        from qjax._src.int8 import int8_matmul
+        x2 = jnp.reshape(x, batch + (_prod(x.shape[x.ndim - n_in:]),)).astype(compute_dtype)
+        y = int8_matmul(x2, kernel, threshold=int8_threshold)
+        return jnp.reshape(y.astype(compute_dtype), batch + tuple(out_shape))
     if backend == "pallas_interpret":  # the Pallas kernels emulated on any backend (tests, CPU)
         backend, interpret = "pallas", True
     if is_quantized(kernel):
@@ -147,7 +199,7 @@ def dropout(x, rate: float, key):
 
 def lora_linear(x, kernel, bias, lora_a, lora_b, *, n_in: int, out_shape: Sequence[int], scaling: float,
                 compute_dtype, out_dtype, precision=None, dropout_rate: float = 0.0, dropout_key=None,
-                backend: str = "auto", interpret: bool = False):
+                backend: str = "auto", interpret: bool = False, int8_threshold: float | None = None):
     """The adapted layer: (base(x) + bias + scaling * dropout(x) A B) cast to out_dtype.
 
     x: (..., *in). kernel: see `base_matmul`. bias: (*out) or None. lora_a/lora_b: (*in, r) /
@@ -156,7 +208,7 @@ def lora_linear(x, kernel, bias, lora_a, lora_b, *, n_in: int, out_shape: Sequen
     the sum is cast to out_dtype, the dtype the original layer returns.
     """
     y = base_matmul(x, kernel, n_in=n_in, out_shape=out_shape, compute_dtype=compute_dtype,
-                    precision=precision, backend=backend, interpret=interpret)
+                    precision=precision, backend=backend, interpret=interpret, int8_threshold=int8_threshold)
     if bias is not None:
         bias = jnp.asarray(bias).astype(y.dtype)
         y = y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
@@ -323,7 +375,7 @@ class EinsumPlan:
 
 def einsum_lora(x, plan: EinsumPlan, kernel, bias, lora_a, lora_b, *, out_shape: Sequence[int], scaling: float,
                 compute_dtype, out_dtype, precision=None, dropout_rate: float = 0.0, dropout_key=None,
-                backend: str = "auto", interpret: bool = False):
+                backend: str = "auto", interpret: bool = False, int8_threshold: float | None = None):
     """An adapted Einsum layer: einsum(x, W) (+ bias) + scaling * dropout(x) . A . B, in the equation's layout.
 
     kernel: a 2-D QuantizedArray (prod(in), prod(out)) of the kernel permuted to (*in, *out) (goes
@@ -334,7 +386,8 @@ def einsum_lora(x, plan: EinsumPlan, kernel, bias, lora_a, lora_b, *, out_shape:
     x2, kept = plan.to_in_last(x)
     if is_quantized(kernel):
         y = base_matmul(x2, kernel, n_in=len(plan.in_labels), out_shape=out_shape, compute_dtype=compute_dtype,
-                        precision=precision, backend=backend, interpret=interpret)
+                        precision=precision, backend=backend, interpret=interpret,
+                        int8_threshold=int8_threshold)
         y = plan.to_result(y, kept, x.ndim)
     else:
         y = jnp.einsum(plan.einsum_str, x.astype(compute_dtype), jnp.asarray(kernel).astype(compute_dtype),

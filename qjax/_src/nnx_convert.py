@@ -72,9 +72,14 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
 
     A layer at path "a/b/q_proj" gets adapters when `lora_config` selects it ("all-linear": every
     layer but an output head; otherwise target_modules patterns matched in full or against the
-    trailing names; minus exclude) and its kernel is quantized when
-    `quant_config.selects("a/b/q_proj/kernel")`. Layers of stacked (vmapped) modules keep their
-    leading axes. lora_config=None quantizes only; quant_config=None is 16-bit LoRA.
+    trailing names; minus exclude) and its kernel is quantized with
+    `quant_config.config_for("a/b/q_proj/kernel")`: quant_config is a QuantConfig or a per-path
+    policy such as `qjax.first_blocks(k, high, low)` (mixed precision; None for a path keeps that
+    kernel 16-bit). Layers of stacked (vmapped) modules keep their leading axes.
+    lora_config=None quantizes only; quant_config=None is 16-bit LoRA.
+    `LoraConfig(init="loftq")`: each layer with adapters and a quantized kernel is initialized by
+    `qjax.loftq_init` (scaling folded in, kernels of rank > 2 flattened to (prod(in), prod(out)),
+    stacked layers one by one), so the converted model approximates the original one.
     Raises ValueError naming the path for an already converted model, a model without Linear
     layers, a target pattern matching nothing, or r larger than a layer's dimensions.
     """
@@ -99,13 +104,13 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
     lora_paths = set(L.select_layers(paths, lora_config)) if lora_config is not None else set()
     plan = []
     for (parts, m), path in zip(found, paths):
-        quantized = (quant_config is not None and quant_config.selects(f"{path}/kernel")
-                     and _kernel_size(m) >= quant_config.min_size)
+        qc = quant_config.config_for(f"{path}/kernel") if quant_config is not None else None
+        quantized = qc is not None and _kernel_size(m) >= qc.min_size
         if path in lora_paths or quantized:
             inp, out = _in_out(m)
             if path in lora_paths:
                 L.check_rank(lora_config.r, inp, out, path)
-            plan.append((parts, m, path, path in lora_paths, quantized))
+            plan.append((parts, m, path, path in lora_paths, qc if quantized else None))
     if not plan:
         raise ValueError(f"no layer of {type(model).__name__} was selected for LoRA or quantization; "
                          f"its linear layers are {paths}")
@@ -113,9 +118,9 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
         if lora_paths:
             raise ValueError("convert needs rngs (nnx.Rngs) to initialize the LoRA adapters")
         rngs = nnx.Rngs(0)
-    for parts, m, path, lora, quantized in plan:
+    for parts, m, path, lora, qc in plan:
         kw = dict(rngs=rngs, backend=backend, where=path)
-        lc, qc = (lora_config if lora else None), (quant_config if quantized else None)
+        lc = lora_config if lora else None
         if isinstance(m, nnx.Einsum):
             new = QLoRAEinsum.from_einsum(m, lc, qc, **kw)
         elif isinstance(m, nnx.LinearGeneral):

@@ -35,17 +35,27 @@ class _QLoRABase(nnx.Module):
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
         self.lora_config, self.quant_config, self.backend = lora_config, quant_config, backend
         self.use_bias = bias is not None
+        loftq = None
+        if lora_config is not None:
+            L.check_rank(lora_config.r, in_shape, out_shape, where)
         if quant_config is not None and not is_quantized(kernel):
+            # kernel: dense (*lead, *in, *out) (Einsum kernels already permuted to that order).
             try:
-                kernel = L.quantize_kernel(kernel, len(in_shape), quant_config, lead=len(lead))
+                if L.wants_loftq(lora_config, quant_config):
+                    kernel, *loftq = L.loftq_kernel(kernel, len(in_shape), lora_config, quant_config,
+                                                    lead=len(lead))
+                else:
+                    kernel = L.quantize_kernel(kernel, len(in_shape), quant_config, lead=len(lead))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{where}/kernel: {e}") from None
         self.kernel = BaseParam(kernel)
         self.bias = nnx.Param(bias) if bias is not None else nnx.data(None)
         if lora_config is not None:
-            L.check_rank(lora_config.r, in_shape, out_shape, where)
-            a, b = L.init_adapters(rngs.params(), in_shape, out_shape, lora_config.r, lora_config.init,
-                                   lead=lead)
+            if loftq is not None:
+                a, b = loftq
+            else:
+                a, b = L.init_adapters(rngs.params(), in_shape, out_shape, lora_config.r, lora_config.init,
+                                       lead=lead)
             self.lora_a, self.lora_b = LoRAParam(a), LoRAParam(b)
         else:
             self.lora_a = self.lora_b = nnx.data(None)
@@ -69,7 +79,7 @@ class _QLoRABase(nnx.Module):
         kernel, bias, out_dtype, compute = self._operands(x)
         base = L.lora_linear(x, kernel, bias, None, None, n_in=n_in, out_shape=self.out_shape, scaling=0.0,
                              compute_dtype=compute, out_dtype=compute, precision=self.precision,
-                             backend=self.backend)
+                             backend=self.backend, int8_threshold=L.llm_int8_threshold(kernel, self.quant_config))
         if self.lora_a is None:
             return base.astype(out_dtype)
         xd = self.lora_dropout(x) if self.lora_dropout is not None else x
@@ -208,10 +218,8 @@ class QLoRAEinsum(_QLoRABase):
         if bias is not None:
             bias = jnp.reshape(bias, lead + out_shape)
         if quant_config is not None and not is_quantized(kernel):
-            try:
-                kernel = L.quantize_einsum_kernel(plan, kernel, quant_config, lead=len(lead))
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"{where}/kernel: {e}") from None
+            # (*lead, *kernel_shape) -> (*lead, *in, *out); _setup quantizes it (or runs LoftQ) as 2-D.
+            kernel = jnp.transpose(kernel, tuple(range(len(lead))) + tuple(len(lead) + p for p in plan.perm))
         self._setup(kernel, bias, in_shape=in_shape, out_shape=out_shape, lead=lead, dtype=m.dtype,
                     param_dtype=m.param_dtype, precision=m.precision, lora_config=lora_config,
                     quant_config=quant_config, backend=backend, rngs=rngs, where=where)
@@ -230,7 +238,7 @@ class QLoRAEinsum(_QLoRABase):
         kernel, bias, out_dtype, compute = self._operands(x)
         base = L.einsum_lora(x, plan, kernel, bias, None, None, out_shape=self.out_shape, scaling=0.0,
                              compute_dtype=compute, out_dtype=compute, precision=self.precision,
-                             backend=self.backend)
+                             backend=self.backend, int8_threshold=L.llm_int8_threshold(kernel, self.quant_config))
         if self.lora_a is None:
             return base.astype(out_dtype)
         x2, kept = plan.to_in_last(x)
