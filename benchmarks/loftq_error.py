@@ -1,7 +1,7 @@
 """LoftQ and LLM.int8 on synthetic matrices: reconstruction / product error tables (CPU-friendly).
 
 Usage: PYTHONPATH=. python benchmarks/loftq_error.py [--shape 576 1536] [--rank 16] [--seed 0]
-Prints markdown tables (pasted into benchmarks/RESULTS_loftq.md).
+Prints markdown tables (pasted into benchmarks/RESULTS.md).
 """
 
 import argparse
