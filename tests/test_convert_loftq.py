@@ -9,6 +9,7 @@ from flax import linen as nn
 from flax import nnx
 
 import qjax
+from helpers import nnx_train_mse
 import qjax.linen as ql
 import qjax.nnx as qn
 from qjax._src import lora as L
@@ -145,14 +146,7 @@ def test_nnx_loftq_closer_to_original_than_default_init(fmt, rng):
     assert model.layers[0].q.lora_b.shape == (16, 4, 32)
     assert model.stack.lora_a.shape == (2, 64, 16)
     # trains (LoRAParam only) from the LoftQ start
-    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=qn.LoRAParam)
-
-    @nnx.jit
-    def step(model, opt):
-        loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2), argnums=nnx.DiffState(0, qn.LoRAParam))(model)
-        opt.update(model, g)
-        return loss
-    losses = [float(step(model, opt)) for _ in range(20)]
+    losses, _ = nnx_train_mse(model, x, y, 20, optax.adam(1e-3))
     assert losses[-1] < losses[0]
 
 
@@ -269,13 +263,6 @@ def test_int8_nnx_layer_and_training(rng):
         2.0 * (x @ layer.lora_a.get_value() @ layer.lora_b.get_value())
     np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
     y = jnp.asarray(rng.standard_normal((8, 32)), jnp.float32)
-    opt = nnx.Optimizer(layer, optax.adam(1e-2), wrt=qn.LoRAParam)
-
-    @nnx.jit
-    def step(m, opt):
-        loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2), argnums=nnx.DiffState(0, qn.LoRAParam))(m)
-        opt.update(m, g)
-        return loss
-    losses = [float(step(layer, opt)) for _ in range(25)]
+    losses, _ = nnx_train_mse(layer, x, y, 25)
     assert losses[-1] < 0.9 * losses[0]
     np.testing.assert_array_equal(np.asarray(layer.kernel.get_value().packed), np.asarray(q.packed))

@@ -9,6 +9,7 @@ from flax import linen as nn
 from flax import nnx
 
 import qjax
+from helpers import nnx_train_mse
 import qjax.linen as ql
 import qjax.nnx as qn
 from qjax._src import lora as L
@@ -200,16 +201,7 @@ def test_nnx_einsum(rng):
     np.testing.assert_array_equal(np.asarray(sixteen(x)), np.asarray(original(x)))
 
     target = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
-    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=qn.LoRAParam)
-
-    @nnx.jit
-    def step(model, opt):
-        loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2),
-                                     argnums=nnx.DiffState(0, qn.LoRAParam))(model)
-        opt.update(model, g)
-        return loss
-
-    losses = [float(step(model, opt)) for _ in range(10)]
+    losses, _ = nnx_train_mse(model, x, target, 10)
     assert losses[-1] < 0.8 * losses[0]
     y = model(x)
     qn.merge(model)

@@ -17,6 +17,7 @@ from flax import linen as nn
 from flax import nnx
 
 import qjax
+from helpers import nnx_train_mse
 import qjax.linen as ql
 import qjax.nnx as qn
 from qjax.checkpoint import ResumeManager
@@ -430,25 +431,12 @@ def _nnx_model(seed=1, lora=CFG):
     return qn.convert(NLM(nnx.Rngs(0)), lora, F32, nnx.Rngs(seed))
 
 
-def _nnx_train(model, x, y, steps):
-    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=qn.LoRAParam)
-
-    @nnx.jit
-    def step(model, opt, x, y):
-        loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2),
-                                     argnums=nnx.DiffState(0, qn.LoRAParam))(model)
-        opt.update(model, g)
-        return loss
-
-    return [float(step(model, opt, x, y)) for _ in range(steps)], opt
-
-
 def test_nnx_train_save_load_adapters_and_full_state(rng, tmp_path):
     x = jnp.asarray(rng.standard_normal((4, D)), jnp.float32)
     y = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
     model = _nnx_model()
     base_before = nnx.state(model, qn.BaseParam)
-    losses, opt = _nnx_train(model, x, y, 6)
+    losses, opt = nnx_train_mse(model, x, y, 6)
     assert losses[-1] < losses[0]
     assert_identical(nnx.state(model, qn.BaseParam), base_before)
     n_adapter = sum(v.size for v in jax.tree_util.tree_leaves(nnx.state(model, qn.LoRAParam)))
@@ -497,7 +485,7 @@ def test_nnx_peft_roundtrip(rng, tmp_path):
     x = jnp.asarray(rng.standard_normal((4, D)), jnp.float32)
     lora = qjax.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     model = _nnx_model(lora=lora)
-    _nnx_train(model, x, jnp.zeros((4, 8)), 3)
+    nnx_train_mse(model, x, jnp.zeros((4, 8)), 3)
     names = qjax.interop.save_peft_adapter(tmp_path, model, lora, name_map=qjax.interop.LLAMA_NNX)
     assert names["layers/1/self_attn/v_proj"] == "model.layers.1.self_attn.v_proj"
     fresh = _nnx_model(seed=8, lora=lora)

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import qjax
+from helpers import nnx_train_mse
 import qjax.nnx as qn
 
 F32 = qjax.QuantConfig(compute_dtype=jnp.float32)
@@ -91,16 +92,7 @@ def test_training_nnx_jit(rng):
     qn.convert(model, qjax.LoraConfig(r=8), qjax.QuantConfig(), nnx.Rngs(2))
     base_before = jax.tree_util.tree_leaves(nnx.state(model, qn.BaseParam))
     bias_before = model.blocks[0].up.bias.get_value()
-    opt = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)), wrt=qn.LoRAParam)
-
-    @nnx.jit
-    def step(model, opt, x, t):
-        loss_fn = lambda m: jnp.mean((m(x) - t) ** 2)
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, qn.LoRAParam))(model)
-        opt.update(model, grads)
-        return loss
-
-    losses = [float(step(model, opt, x, target)) for _ in range(30)]
+    losses, opt = nnx_train_mse(model, x, target, 30, optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)))
     assert losses[-1] < 0.7 * losses[0], losses
     for a, b in zip(base_before, jax.tree_util.tree_leaves(nnx.state(model, qn.BaseParam))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
