@@ -42,22 +42,10 @@ class MLP(nn.Module):
         return LoRADense(128, name="down")(h)
 
 
-def _split(params):
-    """(trainable adapters, frozen rest) of a {layer: {kernel, bias, lora_a, lora_b}} tree."""
-    lora = {k: {n: v[n] for n in ("lora_a", "lora_b")} for k, v in params.items()}
-    frozen = {k: {n: v[n] for n in ("kernel", "bias")} for k, v in params.items()}
-    return lora, frozen
-
-
-def _merge(lora, frozen):
-    return {k: {**frozen[k], **lora[k]} for k in frozen}
-
-
-def _make_step(opt):
-    model = MLP()
-
+def _make_step(opt, model=MLP()):
+    """A jitted adapters-only step of mean((model(x) - y)^2): (lora, opt_state, frozen, x, y) -> (.., .., loss)."""
     def loss_fn(lora, frozen, x, y):
-        pred = model.apply({"params": _merge(lora, frozen)}, x)
+        pred = model.apply({"params": qjax.optim.merge_adapters(lora, frozen)}, x)
         return jnp.mean((pred - y) ** 2)
 
     def step(lora, opt_state, frozen, x, y):
@@ -68,6 +56,15 @@ def _make_step(opt):
     return jax.jit(step)
 
 
+def _run(step, lora, opt_state, frozen, x, y, steps=2):
+    """`steps` steps; returns (adapters, losses)."""
+    losses = []
+    for _ in range(steps):
+        lora, opt_state, loss = step(lora, opt_state, frozen, x, y)
+        losses.append(float(loss))
+    return lora, losses
+
+
 def test_2d_mesh_step_equals_single_device(rng):
     x = jnp.asarray(rng.standard_normal((16, 128)).astype(np.float32))
     y = jnp.asarray(rng.standard_normal((16, 128)).astype(np.float32))
@@ -76,13 +73,9 @@ def test_2d_mesh_step_equals_single_device(rng):
     opt = optax.adam(1e-2)
 
     # single device
-    lora, frozen = _split(params)
+    lora, frozen = qjax.optim.split_adapters(params)
     step = _make_step(opt)
-    ref_state = opt.init(lora)
-    ref_lora, ref_losses = lora, []
-    for _ in range(2):
-        ref_lora, ref_state, loss = step(ref_lora, ref_state, frozen, x, y)
-        ref_losses.append(float(loss))
+    ref_lora, ref_losses = _run(step, lora, opt.init(lora), frozen, x, y)
 
     # data x model mesh: FSDP of the frozen base over `data`, tensor parallel over `model`
     mesh = make_mesh((2, 4), ("data", "model"))
@@ -94,7 +87,7 @@ def test_2d_mesh_step_equals_single_device(rng):
     assert sharded["up"]["lora_a"].sharding.spec == P("data")
     assert sharded["up"]["lora_b"].sharding.spec == P(None, "model")
     assert sharded["down"]["lora_a"].sharding.spec == P("model")
-    s_lora, s_frozen = _split(sharded)
+    s_lora, s_frozen = qjax.optim.split_adapters(sharded)
     lora_sh = jax.tree.map(lambda a: a.sharding, s_lora)
     s_state = jax.jit(opt.init, out_shardings=qjax.optimizer_sharding(opt, s_lora, lora_sh))(s_lora)
     mu = s_state[0].mu  # optimizer state sharded like the adapters
@@ -106,10 +99,7 @@ def test_2d_mesh_step_equals_single_device(rng):
     gathered = [ln.split("=")[1].split("all-gather")[0] for ln in hlo_collectives(text)]
     full_codes = [f"u8[{','.join(map(str, params[k]['kernel'].packed.shape))}]" for k in ("up", "down")]
     assert not [g for g in gathered if any(c in g for c in full_codes)], gathered  # no device rebuilds a kernel
-    losses = []
-    for _ in range(2):
-        s_lora, s_state, loss = step(s_lora, s_state, s_frozen, xs, ys)
-        losses.append(float(loss))
+    s_lora, losses = _run(step, s_lora, s_state, s_frozen, xs, ys)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s_lora), jax.tree.leaves(ref_lora)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
@@ -135,23 +125,8 @@ def test_linen_convert_step_on_2d_mesh_equals_single_device(rng):
     params = qvars["params"]
     opt = optax.adam(1e-2)
 
-    def make_step():
-        def loss_fn(adapters, rest, x, y):
-            return jnp.mean((qmodel.apply({"params": qjax.optim.merge_adapters(adapters, rest)}, x) - y) ** 2)
-
-        @jax.jit
-        def step(adapters, opt_state, rest, x, y):
-            loss, g = jax.value_and_grad(loss_fn)(adapters, rest, x, y)
-            updates, opt_state = opt.update(g, opt_state, adapters)
-            return optax.apply_updates(adapters, updates), opt_state, loss
-        return step
-
     adapters, rest = qjax.optim.split_adapters(params)
-    ref_state, ref_losses, step = opt.init(adapters), [], make_step()
-    for _ in range(2):
-        adapters, ref_state, loss = step(adapters, ref_state, rest, x, y)
-        ref_losses.append(float(loss))
-    ref_adapters = adapters
+    ref_adapters, ref_losses = _run(_make_step(opt, qmodel), adapters, opt.init(adapters), rest, x, y)
 
     mesh = make_mesh((2, 4), ("data", "model"))
     rule = lambda path, leaf: {"up/kernel": P("data", "model"), "heads/kernel": P("data", "model"),
@@ -162,10 +137,7 @@ def test_linen_convert_step_on_2d_mesh_equals_single_device(rng):
     adapter_sh = jax.tree.map(lambda a: a.sharding, adapters)
     state = jax.jit(opt.init, out_shardings=qjax.optimizer_sharding(opt, adapters, adapter_sh))(adapters)
     xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
-    losses, step = [], make_step()
-    for _ in range(2):
-        adapters, state, loss = step(adapters, state, rest, xs, ys)
-        losses.append(float(loss))
+    adapters, losses = _run(_make_step(opt, qmodel), adapters, state, rest, xs, ys)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(ref_adapters)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
