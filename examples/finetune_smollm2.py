@@ -186,10 +186,15 @@ def finetune(config: LlamaConfig, params16, tokenizer, args, log=print) -> dict:
     log(f"        LoRA adapters: {n_adapter:,} trainable params (r={args.r}, all-linear), "
         f"{n_adapter * 4 / 2**20:.1f} MiB float32 = {100 * n_adapter / fp16.total_params:.2f}% of the model")
 
-    before = perplexity(qmodel, qvars, heldout, eval_bs)
-    log(f"NF4 model before  held-out perplexity {before:8.3f}")
-    sample_before = _sample(qmodel, qvars, tokenizer, eos_id, args.sample_tokens)
-    log(f"sample before: {sample_before!r}")
+    def evaluate(stage, variables):
+        """Held-out perplexity and a greedy sample of the QLoRA model, logged."""
+        ppl = perplexity(qmodel, variables, heldout, eval_bs)
+        log(f"NF4 model {stage:7} held-out perplexity {ppl:8.3f}")
+        sample = _sample(qmodel, variables, tokenizer, eos_id, args.sample_tokens)
+        log(f"sample {stage + ':':7} {sample!r}")
+        return ppl, sample
+
+    before, sample_before = evaluate("before", qvars)
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10), max(args.steps, 1),
                                                   args.lr * 0.1)
@@ -224,10 +229,7 @@ def finetune(config: LlamaConfig, params16, tokenizer, args, log=print) -> dict:
     log(f"trained {args.steps} steps x {tokens_per_step} tokens in {train_s:.0f}s; "
         f"loss {np.mean(losses[:5]):.3f} (first 5) -> {np.mean(losses[-5:]):.3f} (last 5)")
 
-    after = perplexity(qmodel, qvars, heldout, eval_bs)
-    log(f"NF4 model after   held-out perplexity {after:8.3f}")
-    sample_after = _sample(qmodel, qvars, tokenizer, eos_id, args.sample_tokens)
-    log(f"sample after:  {sample_after!r}")
+    after, sample_after = evaluate("after", qvars)
 
     os.makedirs(args.out, exist_ok=True)
     png = _plot(losses, os.path.join(args.out, "loss.png"), log)
