@@ -67,6 +67,11 @@ def test_save_restore_without_target(rng, tmp_path):
     out = qjax.checkpoint.restore(tmp_path / "c")
     assert_bit_identical(out, tree)
     assert all(qjax.is_quantized(out["params"][f"d{i}"]["kernel"]) for i in range(len(CASES)))
+    meta = qjax.checkpoint.read_metadata(tmp_path / "c")
+    assert meta["quantized"] == qjax.checkpoint.tree_metadata(tree)["qjax"]["quantized"]
+    assert [(m["format"], m["blocksize"], m["double_quant"], m["transposed"], m["dtype"], tuple(m["shape"]))
+            for m in meta["quantized"]] == CASES
+    assert set(meta["checksums"]) >= {"params/d0/kernel/packed", "params/d0/bias", "step"}
     # nested lists / int keys (nnx State style) survive too
     lst = {"layers": [tree["params"]["d0"], tree["params"]["d1"]]}
     qjax.checkpoint.save(tmp_path / "l", lst)

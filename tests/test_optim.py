@@ -90,3 +90,14 @@ def test_mismatched_updates_raise(rng):
     state = tx.init(params)
     with pytest.raises(ValueError, match="missing.*layer/lora_b"):
         tx.update({"layer": {"lora_a": jnp.zeros((64, 4))}}, state, None)
+
+
+def test_upcast_half_params_and_linen_prepare(rng):
+    w = jnp.asarray(rng.standard_normal((16, 64)), jnp.bfloat16)
+    tree = {"dense": {"kernel": qjax.quantize(w, "nf4"), "bias": w[0]}, "norm": {"scale": w[1].astype(jnp.float16)},
+            "step": jnp.asarray(3, jnp.int32), "f32": w[2].astype(jnp.float32)}
+    for out in (qjax.upcast_half_params(tree), qjax.prepare_for_kbit_training(tree)):
+        assert out["dense"]["bias"].dtype == jnp.float32 and out["norm"]["scale"].dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(out["dense"]["bias"]), np.asarray(w[0], np.float32))
+        assert out["dense"]["kernel"] is tree["dense"]["kernel"]  # packed codes untouched
+        assert out["step"].dtype == jnp.int32 and out["f32"] is tree["f32"]

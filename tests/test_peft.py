@@ -1,6 +1,7 @@
 """PEFT adapter files both ways, against peft's PeftModel on a tiny torch model."""
 
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -116,3 +117,17 @@ def test_mismatches(rng, tmp_path):
     custom = qjax.interop.NameMap(to_torch_rules=((r"^params/", "net/"),))
     names = qjax.interop.save_peft_adapter(tmp_path / "c", qlora_variables(rng, r=4, layers=1), cfg, name_map=custom)
     assert names["params/layers_0/self_attn/q_proj"] == "net.layers_0.self_attn.q_proj"
+
+
+def test_safetensors_round_trip_bfloat16(rng, tmp_path):
+    tensors = {"a": jnp.asarray(rng.standard_normal((3, 5)), jnp.bfloat16),
+               "b": np.asarray(rng.standard_normal(7), np.float32), "c": np.arange(6, dtype=np.uint8).reshape(2, 3)}
+    qjax.interop.save_safetensors(tmp_path / "t.safetensors", tensors, metadata={"kind": "test"})
+    back = qjax.interop.load_safetensors(tmp_path / "t.safetensors")
+    assert set(back) == set(tensors) and not os.path.exists(tmp_path / "t.safetensors.tmp")
+    for k, v in tensors.items():
+        v = np.asarray(v)
+        assert back[k].dtype == v.dtype and back[k].tobytes() == v.tobytes()
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        qjax.interop.load_safetensors(tmp_path / "bad.safetensors")
