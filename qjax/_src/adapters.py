@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from qjax._src.policy import path_keys
 from qjax._src.qarray import is_quantized
 
 ADAPTER_NAMES = ("lora_a", "lora_b")
@@ -20,16 +21,7 @@ ADAPTER_NAMES = ("lora_a", "lora_b")
 Path = tuple  # of str (dict keys / attribute names) and int (sequence indices)
 
 
-def _key(k):
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return k
-
-
-def key_path(path) -> Path:
-    """A jax key path as a tuple of plain keys: ("params", "layers_0", "lora_a")."""
-    return tuple(_key(k) for k in path)
+key_path = path_keys  # a jax key path as a tuple of plain keys
 
 
 def is_nnx_module(x) -> bool:

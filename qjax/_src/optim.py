@@ -14,10 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qjax._src.adapters import ADAPTER_NAMES
 from qjax._src.policy import path_str
 from qjax._src.qarray import is_quantized
-
-ADAPTER_NAMES = ("lora_a", "lora_b")
 
 
 def is_adapter_path(path: str) -> bool:

