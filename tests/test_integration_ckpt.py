@@ -352,7 +352,8 @@ def test_peft_export_of_converted_llama(rng, tmp_path, use_rslora):
     assert {s.path for s in layers if s.lora} == {f"layers_{i}/{m}" for i in range(LAYERS) for m in (
         "self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
         "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")}
-    qv, _, losses = _train(qm, qv, tokens, adapters_only(optax.adam(3e-2)), 6)
+    # a step size small enough for rsLoRA's larger scaling (alpha / sqrt(r) = 4) to descend steadily
+    qv, _, losses = _train(qm, qv, tokens, adapters_only(optax.adam(1e-2)), 6)
     assert losses[-1] < losses[0]
     names = qjax.interop.save_peft_adapter(tmp_path / "peft", qv, lora, task_type="CAUSAL_LM")
     assert names["params/layers_1/mlp/down_proj"] == "model.layers.1.mlp.down_proj"
