@@ -17,6 +17,10 @@ import qjax
 from _md_helpers import hlo_collectives, make_mesh
 
 R, ALPHA = 4, 8.0
+# Adam divides by sqrt(v) + eps: with the default eps=1e-8 an element whose gradient is near zero
+# turns a float-rounding difference between the sharded and single-device sums into a different
+# step (seen: 2% on one element of 1024). eps=1e-3 bounds that to lr * |dg| / eps.
+OPT = optax.adam(1e-2, eps=1e-3)
 
 
 class LoRADense(nn.Module):
@@ -70,7 +74,7 @@ def test_2d_mesh_step_equals_single_device(rng):
     y = jnp.asarray(rng.standard_normal((16, 128)).astype(np.float32))
     dense = MLP().init(jax.random.key(int(rng.integers(2**31))), x)["params"]
     params = qjax.quantize_params(dense, qjax.QuantConfig(double_quant=True, target="*kernel"))
-    opt = optax.adam(1e-2)
+    opt = OPT
 
     # single device
     lora, frozen = qjax.optim.split_adapters(params)
@@ -123,7 +127,7 @@ def test_linen_convert_step_on_2d_mesh_equals_single_device(rng):
     qmodel, qvars = ql.convert(net, variables, qjax.LoraConfig(r=4, alpha=8, init="gaussian"),
                                qjax.QuantConfig(compute_dtype=jnp.float32), jax.random.key(1), inputs=(x,))
     params = qvars["params"]
-    opt = optax.adam(1e-2)
+    opt = OPT
 
     adapters, rest = qjax.optim.split_adapters(params)
     ref_adapters, ref_losses = _run(_make_step(opt, qmodel), adapters, opt.init(adapters), rest, x, y)
