@@ -17,6 +17,7 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
 import qjax
+from qjax._src import qmatmul as qmatmul_module
 from helpers import DTYPES, random_weights
 
 # (format, blocksize, double_quant)
@@ -99,6 +100,39 @@ def test_grad_matches_dense(rng, fmt, blocksize, double_quant, transposed):
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-5 * float(jnp.abs(g_ref).max()))
 
 
+def _jaxpr_text(fn, *args):
+    return str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize("fmt,blocksize,double_quant", FORMATS)
+@pytest.mark.parametrize("shape", [(128, 192), (96, 128), (100, 70)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_chunked_loop_matches_dense_reference(rng, monkeypatch, fmt, blocksize, double_quant, shape, transposed):
+    """A budget of 3 storage rows a step: many loop steps and a tail, forward and backward."""
+    q = _quantize(rng, shape, fmt, blocksize, double_quant, transposed)
+    rows, cols = q.storage_shape
+    monkeypatch.setattr(qmatmul_module, "CPU_CHUNK_BYTES", 3 * cols * 4)
+    x = jnp.asarray(rng.standard_normal((2, 3, shape[0])), jnp.float32)
+    fn = lambda x: qjax.qmatmul(x, q, backend="xla")  # noqa: E731
+    # structured layouts loop (scan when contracting the row axis, map otherwise); flat ones take one step
+    assert ("scan[" in _jaxpr_text(fn, x)) == q.structured
+    assert_matmul_close(jax.jit(fn)(x).reshape(6, -1), x.reshape(6, -1), q, jnp.float32)
+    w = qjax.dequantize(q)
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(fn(x))))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(jnp.matmul(x, w, precision="highest"))))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-5 * float(jnp.abs(g_ref).max()))
+
+
+def test_chunk_rows_follow_the_budget(rng):
+    """A weight decodes in steps of at most CPU_CHUNK_BYTES (whole storage rows), a small one in one step."""
+    big = _quantize(rng, (1024, 4096), "nf4", 64, True, True)  # storage (4096, 1024)
+    rows = qmatmul_module._chunk_rows(big, jnp.float32, qmatmul_module.CPU_CHUNK_BYTES)
+    assert rows < 4096 and rows * 1024 * 4 <= qmatmul_module.CPU_CHUNK_BYTES
+    assert qmatmul_module._chunk_rows(big, jnp.bfloat16, qmatmul_module.CPU_CHUNK_BYTES) == 2 * rows
+    small = _quantize(rng, (96, 64), "nf4", 64, False, False)
+    assert qmatmul_module._chunk_rows(small, jnp.float32, qmatmul_module.CPU_CHUNK_BYTES) == 96
+
+
 def test_grad_dtype_follows_x(rng):
     q = _quantize(rng, (64, 64), "nf4", 64, False, False)
     x = jnp.asarray(rng.standard_normal((2, 64)), jnp.float32)
@@ -150,11 +184,12 @@ def test_no_gather_on_codes(rng):
 def _all_eqns(jaxpr):
     for eqn in jaxpr.eqns:
         yield eqn
-        for value in eqn.params.values():
-            if isinstance(value, jax.extend.core.ClosedJaxpr):
-                yield from _all_eqns(value.jaxpr)
-            elif isinstance(value, jax.extend.core.Jaxpr):
-                yield from _all_eqns(value)
+        for param in eqn.params.values():
+            for value in param if isinstance(param, (tuple, list)) else (param,):  # cond's branches
+                if isinstance(value, jax.extend.core.ClosedJaxpr):
+                    yield from _all_eqns(value.jaxpr)
+                elif isinstance(value, jax.extend.core.Jaxpr):
+                    yield from _all_eqns(value)
 
 
 def test_errors(rng):

@@ -16,6 +16,7 @@ zeros/float0 for it; the usual route is to differentiate only the trainable subt
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -63,33 +64,123 @@ def _nibble_halves(q: QuantizedArray, dtype):
     return values(q.packed >> 4), values(q.packed & 0xF)
 
 
-def _dot(x, w, w_axis: int, precision):
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w_axis,)), ((), ())), precision=precision,
+def _dot(a, b, a_axis: int, b_axis: int, precision):
+    return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.float32)
+
+
+# Decoded weight per step of the chunked loop. On the CPU it is sized for the caches: the
+# decoded chunk is written and read again at once, and one temporary reused from step to step
+# replaces a dense-sized one that costs a page fault per 4 KiB on every call (measured 3-5x
+# faster at M <= 16, benchmarks/RESULTS.md). Elsewhere (the XLA path on a GPU) it only bounds
+# the temporary of very large layers; smaller ones run as a single step.
+CPU_CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 256 << 20
+
+
+def _chunk_rows(q: QuantizedArray, dtype, budget: int) -> int:
+    """Storage rows decoded per loop step: whole rows (whole blocks), at most `budget` bytes."""
+    rows, cols = q.storage_shape
+    if not q.structured:
+        return rows  # blocks cross rows: decode the weight in one step
+    return max(1, min(rows, budget // (cols * np.dtype(dtype).itemsize)))
+
+
+def _rows_of(q: QuantizedArray, absmax, packed_rows, absmax_rows):
+    """A QuantizedArray of some storage rows of q, its absmax already decoded to float32."""
+    n_rows = packed_rows.shape[0] if q.structured else q.storage_shape[0]
+    cols = q.storage_shape[1]
+    shape = (cols, n_rows) if q.transposed else (n_rows, cols)
+    return dataclasses.replace(q, packed=packed_rows, absmax=absmax if absmax_rows is None else absmax_rows,
+                               nested_absmax=None, offset=None, shape=shape)
+
+
+def _rows_product(x2, w: QuantizedArray, dtype, precision, contract_packed: bool):
+    """x2 (M, ·) times the rows of w (storage (rows, C)).
+
+    contract_packed: x2 is (M, C) and the result (rows, M), one column per storage row;
+    otherwise x2 is (M, rows) and the result the (M, C) partial sum over these rows.
+    A 4-bit w is used as its even/odd nibble halves (no interleaving of the codes).
+    """
+    four_bit = formats.get_format(w.format).bits == 4 and w.structured
+    if contract_packed:
+        if four_bit:
+            hi, lo = _nibble_halves(w, dtype)
+            return _dot(hi, x2[:, 0::2], 1, 1, precision) + _dot(lo, x2[:, 1::2], 1, 1, precision)
+        return _dot(dequantize_storage(w, dtype), x2, 1, 1, precision)
+    if four_bit:
+        hi, lo = _nibble_halves(w, dtype)
+        even, odd = _dot(x2, hi, 1, 0, precision), _dot(x2, lo, 1, 0, precision)
+        return jnp.stack([even, odd], axis=-1).reshape(even.shape[:-1] + (2 * even.shape[-1],))
+    return _dot(x2, dequantize_storage(w, dtype), 1, 0, precision)
+
+
+def _chunked_qmatmul(x2, q: QuantizedArray, dtype, precision, contract_packed: bool, budget: int):
+    """x2 (M, K) @ q in float32, decoding `_chunk_rows` storage rows of q per loop step."""
+    absmax = absmax_f32(q)  # decoded once for the whole weight
+    n_rows = q.storage_shape[0]
+    rows = _chunk_rows(q, dtype, budget)
+    steps = n_rows // rows
+    per_row_absmax = q.blocksize is not None or q.transposed  # per-channel int8 scales columns otherwise
+    head = steps * rows
+
+    def rows_slice(start, stop):
+        if (start, stop) == (0, n_rows):  # the whole weight (also a flat layout's 1-D leaves)
+            return _rows_of(q, absmax, q.packed, None)
+        return _rows_of(q, absmax, q.packed[start:stop], absmax[start:stop] if per_row_absmax else None)
+
+    def x_rows(start, stop):
+        return x2 if contract_packed else x2[:, start:stop]
+
+    if steps <= 1:
+        parts = [_rows_product(x_rows(0, rows), rows_slice(0, rows), dtype, precision, contract_packed)]
+    else:
+        packed = q.packed[:head].reshape((steps, rows) + q.packed.shape[1:])
+        scales = absmax[:head].reshape((steps, rows) + absmax.shape[1:]) if per_row_absmax else None
+
+        def product(args):
+            p, a, xc = args
+            return _rows_product(x2 if xc is None else xc, _rows_of(q, absmax, p, a), dtype, precision,
+                                 contract_packed)
+
+        if contract_packed:
+            out = jax.lax.map(product, (packed, scales, None))  # (steps, rows, M)
+            parts = [out.reshape((head,) + out.shape[2:])]
+        else:
+            xs = jnp.moveaxis(x2[:, :head].reshape(x2.shape[0], steps, rows), 1, 0)  # (steps, M, rows)
+
+            def accumulate(acc, args):
+                return acc + product(args), None
+
+            acc0 = jnp.zeros((x2.shape[0], q.storage_shape[1]), jnp.float32)
+            parts = [jax.lax.scan(accumulate, acc0, (packed, scales, xs))[0]]
+    if head < n_rows:
+        parts.append(_rows_product(x_rows(head, n_rows), rows_slice(head, n_rows), dtype, precision,
+                                   contract_packed))
+    if contract_packed:
+        return jnp.concatenate(parts, axis=0).T  # (M, rows of storage)
+    return sum(parts[1:], parts[0])
 
 
 def xla_qmatmul(x, q: QuantizedArray, dtype, precision=None, adjoint: bool = False):
     """x (..., K) @ q (K, N) in jnp: fused dequantize, then dots with float32 accumulation.
 
     adjoint=True computes x (..., N) @ q^T instead (the backward pass), on the same storage.
-    The stored axis is contracted directly (no transpose of a torch-ordered weight). A
-    structured 4-bit weight is used as its even/odd nibble halves: contracting the packed axis
-    splits x into its even/odd columns (two dots, summed); contracting the other axis gives
-    the even/odd output columns, interleaved after the dots.
+    The stored axis is contracted directly (no transpose of a torch-ordered weight). The weight
+    is decoded a chunk of storage rows at a time inside a loop (`CPU_CHUNK_BYTES` per step on
+    the CPU, `CHUNK_BYTES` elsewhere), so no dense-sized temporary exists; contracting the
+    packed axis gives each chunk's outputs, contracting the row axis sums partial products.
+    A structured 4-bit weight is used as its even/odd nibble halves.
     """
     x = x.astype(dtype)
     contract_packed = bool(q.transposed) != bool(adjoint)  # storage (R, C): contract C?
-    if formats.get_format(q.format).bits == 4 and q.structured:
-        hi, lo = _nibble_halves(q, dtype)
-        if contract_packed:
-            y = _dot(x[..., 0::2], hi, 1, precision) + _dot(x[..., 1::2], lo, 1, precision)
-        else:
-            y_even, y_odd = _dot(x, hi, 0, precision), _dot(x, lo, 0, precision)
-            y = jnp.stack([y_even, y_odd], axis=-1).reshape(y_even.shape[:-1] + (2 * y_even.shape[-1],))
-    else:
-        w = dequantize_storage(q, dtype)  # (K, N), or (N, K) when transposed
-        y = _dot(x, w, int(contract_packed), precision)
-    return y.astype(dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+
+    def run(budget):
+        return lambda x2: _chunked_qmatmul(x2, q, dtype, precision, contract_packed, budget)
+
+    y = jax.lax.platform_dependent(x2, cpu=run(CPU_CHUNK_BYTES), default=run(CHUNK_BYTES))
+    return y.reshape(x.shape[:-1] + (y.shape[-1],)).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -101,7 +192,7 @@ def _forward(x, q, dtype, backend, interpret, precision, adjoint=False):
 
         w = dispatch.adjoint_view(q) if adjoint else q
         if w is not None and dispatch.can_use(x.shape, w, dtype):
-            return dispatch.qmatmul(x, w, dtype, interpret=interpret)
+            return dispatch.qmatmul(x, w, dtype, interpret=interpret, precision=precision)
     # The xla path; also the backward of a weight whose adjoint no kernel takes (per-channel int8).
     return xla_qmatmul(x, q, dtype, precision, adjoint)
 
@@ -202,7 +293,8 @@ def qmatmul(x, q: QuantizedArray, *, compute_dtype=None, backend: str = "auto", 
     backend: "xla" (jnp), "pallas" (the kernels in `qjax.kernels`), or "auto": Pallas on a GPU
       when a kernel takes the shape and layout, XLA otherwise.
     interpret: run the Pallas kernels in interpret mode (CPU emulation, for tests).
-    precision: `jax.lax.Precision` of the XLA dot (ignored by the kernels).
+    precision: of the dots, as for `jax.lax.dot_general` (the XLA path's dots and the Triton-backend
+      kernels'; on a GPU, HIGHEST keeps float32 products out of TF32).
     Returns an array of shape (..., N) in compute_dtype. Differentiable w.r.t. x (the weight is
     frozen: its cotangent is zeros, float0 for integer leaves).
     Raises TypeError for a non-float x or a non-QuantizedArray q; ValueError for mismatched
