@@ -204,10 +204,15 @@ def load_x_tile(x_ref, m0, k0, tm: int, tk: int, m: int, k: int):
     return pltr.load(x_ref.at[pl.ds(m0, tm), pl.ds(k0, tk)], mask=(rows < m) & (cols < k), other=0)
 
 
-def tile_dot(xt, wt, spec: WeightSpec):
-    """x tile (tm, tk) times a weight tile in storage orientation -> (tm, tn) float32."""
+def tile_dot(xt, wt, spec: WeightSpec, precision=None):
+    """x tile (tm, tk) times a weight tile in storage orientation -> (tm, tn) float32.
+
+    precision: as for `jax.lax.dot_general`; on float32 tiles Triton reads DEFAULT/HIGH as TF32
+    and HIGHEST as IEEE float32 (bf16/f16 products are exact in float32 at any precision).
+    """
     contract = 1 if spec.transposed else 0
-    return jax.lax.dot_general(xt, wt, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(xt, wt, (((1,), (contract,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
 
 
 def weight_tile(spec: WeightSpec, decode: Decode, wrefs, k0, n0, tk: int, tn: int, dtype):

@@ -67,12 +67,16 @@ def select(x_shape, q: QuantizedArray, dtype, interpret: bool) -> str:
     return "triton"
 
 
-def qmatmul(x, q: QuantizedArray, dtype, *, interpret: bool = False):
-    """x (..., K) @ q (K, N) -> (..., N) in dtype through the kernel `select` picks."""
+def qmatmul(x, q: QuantizedArray, dtype, *, interpret: bool = False, precision=None):
+    """x (..., K) @ q (K, N) -> (..., N) in dtype through the kernel `select` picks.
+
+    precision goes to the Triton-backend kernels' dots; the Mosaic GPU kernel takes only
+    bf16/f16, whose products are exact in its float32 accumulator at any precision.
+    """
     dtype = np.dtype(dtype)
     kernel = select(x.shape, q, dtype, interpret)
     if kernel == "decode":
-        return qmatmul_decode.qmatmul_decode(x, q, compute_dtype=dtype, interpret=interpret)
+        return qmatmul_decode.qmatmul_decode(x, q, compute_dtype=dtype, interpret=interpret, precision=precision)
     if kernel == "mosaic":
         return qmatmul_mosaic.qmatmul_mosaic(x, q, compute_dtype=dtype)
-    return qmatmul_triton.qmatmul_triton(x, q, compute_dtype=dtype, interpret=interpret)
+    return qmatmul_triton.qmatmul_triton(x, q, compute_dtype=dtype, interpret=interpret, precision=precision)

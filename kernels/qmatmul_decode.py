@@ -59,7 +59,7 @@ class DecodeConfig:
 
 
 def _kernel(x_ref, *refs, spec, m: int, cfg: DecodeConfig, tiles_per_split: int,
-            dtype):
+            dtype, precision):
     *wrefs, o_ref = refs
     tn, tk = cfg.block_n, cfg.block_k
     n0 = pl.program_id(0) * tn
@@ -70,7 +70,7 @@ def _kernel(x_ref, *refs, spec, m: int, cfg: DecodeConfig, tiles_per_split: int,
         k0 = (first + step) * tk
         xt = _tiles.load_x_tile(x_ref, 0, k0, MAX_M, tk, m, spec.k)
         wt = _tiles.weight_tile(spec, cfg.decode, wrefs, k0, n0, tk, tn, dtype)
-        return acc + _tiles.tile_dot(xt, wt, spec)
+        return acc + _tiles.tile_dot(xt, wt, spec, precision)
 
     steps = jnp.minimum(tiles_per_split, k_tiles - first)
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((MAX_M, tn), jnp.float32))
@@ -80,15 +80,16 @@ def _kernel(x_ref, *refs, spec, m: int, cfg: DecodeConfig, tiles_per_split: int,
                mask=(rows < m) & (cols < spec.n))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "cfg", "dtype", "interpret"))
-def _call(x2, wops, *, spec, cfg, dtype, interpret):
+@functools.partial(jax.jit, static_argnames=("spec", "cfg", "dtype", "interpret", "precision"))
+def _call(x2, wops, *, spec, cfg, dtype, interpret, precision):
     m = x2.shape[0]
     split = cfg.splits(spec.k, spec.n)
     tiles_per_split = _tiles.num_tiles(_tiles.num_tiles(spec.k, cfg.block_k), split)
     split = _tiles.num_tiles(_tiles.num_tiles(spec.k, cfg.block_k), tiles_per_split)  # no empty splits
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     partial = pl.pallas_call(
-        functools.partial(_kernel, spec=spec, m=m, cfg=cfg, tiles_per_split=tiles_per_split, dtype=dtype),
+        functools.partial(_kernel, spec=spec, m=m, cfg=cfg, tiles_per_split=tiles_per_split, dtype=dtype,
+                          precision=precision),
         grid=(_tiles.num_tiles(spec.n, cfg.block_n), split),
         in_specs=[any_spec] * (1 + len(wops)),
         out_specs=any_spec,
@@ -101,11 +102,12 @@ def _call(x2, wops, *, spec, cfg, dtype, interpret):
 
 
 def qmatmul_decode(x, q: QuantizedArray, *, compute_dtype=None, config: DecodeConfig | None = None,
-                   interpret: bool = False) -> jax.Array:
+                   interpret: bool = False, precision=None) -> jax.Array:
     """`x @ dequantize(q)` for at most 16 rows of x, through the split-K GEMV kernel.
 
     x: (..., K) float32/bfloat16/float16 with prod(leading dims) <= 16. q: 2-D structured
     QuantizedArray (nf4/fp4 with or without double quant, blockwise int8), plain or transposed.
+    precision: of the in-kernel dot (`jax.lax.dot_general`'s; HIGHEST: IEEE float32 products).
     Returns (..., N) in compute_dtype (default x.dtype).
     Raises ValueError for more than 16 rows, a layout the kernel cannot take, or a bad config.
     """
@@ -118,5 +120,5 @@ def qmatmul_decode(x, q: QuantizedArray, *, compute_dtype=None, config: DecodeCo
         raise ValueError(f"qmatmul_decode takes at most {MAX_M} rows, got x shape={tuple(np.shape(x))} "
                          f"({x2.shape[0]} rows); use qmatmul_triton or qmatmul_mosaic")
     wops = _tiles.weight_operands(q, cfg.decode)
-    y = _call(x2, wops, spec=spec, cfg=cfg, dtype=dtype, interpret=interpret)
+    y = _call(x2, wops, spec=spec, cfg=cfg, dtype=dtype, interpret=interpret, precision=precision)
     return y.reshape(lead + (spec.n,))

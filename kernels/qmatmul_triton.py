@@ -44,7 +44,7 @@ class TritonConfig:
             raise ValueError(f"Invalid {self!r}: " + "; ".join(problems))
 
 
-def _kernel(x_ref, *refs, spec: _tiles.WeightSpec, m: int, cfg: TritonConfig, dtype):
+def _kernel(x_ref, *refs, spec: _tiles.WeightSpec, m: int, cfg: TritonConfig, dtype, precision):
     *wrefs, o_ref = refs
     tm, tn, tk = cfg.block_m, cfg.block_n, cfg.block_k
     m0 = pl.program_id(0) * tm
@@ -54,7 +54,7 @@ def _kernel(x_ref, *refs, spec: _tiles.WeightSpec, m: int, cfg: TritonConfig, dt
         k0 = step * tk
         xt = _tiles.load_x_tile(x_ref, m0, k0, tm, tk, m, spec.k)
         wt = _tiles.weight_tile(spec, cfg.decode, wrefs, k0, n0, tk, tn, dtype)
-        return acc + _tiles.tile_dot(xt, wt, spec)
+        return acc + _tiles.tile_dot(xt, wt, spec, precision)
 
     acc = jax.lax.fori_loop(0, _tiles.num_tiles(spec.k, tk), body, jnp.zeros((tm, tn), jnp.float32))
     rows = m0 + jnp.arange(tm, dtype=jnp.int32)[:, None]
@@ -63,12 +63,12 @@ def _kernel(x_ref, *refs, spec: _tiles.WeightSpec, m: int, cfg: TritonConfig, dt
                mask=(rows < m) & (cols < spec.n))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "cfg", "dtype", "interpret"))
-def _call(x2, wops, *, spec, cfg, dtype, interpret):
+@functools.partial(jax.jit, static_argnames=("spec", "cfg", "dtype", "interpret", "precision"))
+def _call(x2, wops, *, spec, cfg, dtype, interpret, precision):
     m = x2.shape[0]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
-        functools.partial(_kernel, spec=spec, m=m, cfg=cfg, dtype=dtype),
+        functools.partial(_kernel, spec=spec, m=m, cfg=cfg, dtype=dtype, precision=precision),
         grid=(_tiles.num_tiles(m, cfg.block_m), _tiles.num_tiles(spec.n, cfg.block_n)),
         in_specs=[any_spec] * (1 + len(wops)),
         out_specs=any_spec,
@@ -80,11 +80,12 @@ def _call(x2, wops, *, spec, cfg, dtype, interpret):
 
 
 def qmatmul_triton(x, q: QuantizedArray, *, compute_dtype=None, config: TritonConfig | None = None,
-                   interpret: bool = False) -> jax.Array:
+                   interpret: bool = False, precision=None) -> jax.Array:
     """`x @ dequantize(q)` through the Triton-backend kernel.
 
     x: (..., K) float32/bfloat16/float16. q: 2-D structured QuantizedArray (nf4/fp4 with or
     without double quant, blockwise int8), logical (K, N), plain or transposed.
+    precision: of the in-kernel dot (`jax.lax.dot_general`'s; HIGHEST: IEEE float32 products).
     Returns (..., N) in compute_dtype (default x.dtype).
     Raises ValueError for a layout the kernel cannot take (flat, per-channel) or a bad config.
     """
@@ -94,5 +95,5 @@ def qmatmul_triton(x, q: QuantizedArray, *, compute_dtype=None, config: TritonCo
     cfg.validate()
     x2, lead = _tiles.flatten_x(jnp.asarray(x), spec.k, dtype)
     wops = _tiles.weight_operands(q, cfg.decode)
-    y = _call(x2, wops, spec=spec, cfg=cfg, dtype=dtype, interpret=interpret)
+    y = _call(x2, wops, spec=spec, cfg=cfg, dtype=dtype, interpret=interpret, precision=precision)
     return y.reshape(lead + (spec.n,))

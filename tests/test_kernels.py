@@ -158,6 +158,36 @@ def test_qmatmul_pallas_vmap(rng):
     assert_matmul_close(y.reshape(6, 64), x.reshape(6, 64), q, jnp.float32)
 
 
+def _kernel_dot_precisions(fn, *args):
+    """The `precision` of every dot_general inside the pallas_calls of fn's jaxpr."""
+    found = []
+
+    def walk(jaxpr, in_kernel):
+        for eqn in jaxpr.eqns:
+            if in_kernel and eqn.primitive.name == "dot_general":
+                found.append(eqn.params["precision"])
+            for param in eqn.params.values():
+                for v in param if isinstance(param, (tuple, list)) else (param,):
+                    inner = getattr(v, "jaxpr", v)
+                    if hasattr(inner, "eqns"):
+                        walk(inner, in_kernel or eqn.primitive.name == "pallas_call")
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr, False)
+    return found
+
+
+@pytest.mark.parametrize("m", [2, 40])  # the decode kernel, the Triton GEMM
+def test_precision_reaches_the_kernel_dot(rng, m):
+    q = _q(rng, (64, 96), "nf4", 64, True, True)
+    x = _x(rng, (m, 64))
+    highest = lambda x: qjax.qmatmul(x, q, backend="pallas", interpret=True, precision="highest")  # noqa: E731
+    default = lambda x: qjax.qmatmul(x, q, backend="pallas", interpret=True)  # noqa: E731
+    hi, lo = _kernel_dot_precisions(highest, x), _kernel_dot_precisions(default, x)
+    assert hi and all(p == (jax.lax.Precision.HIGHEST,) * 2 for p in hi), hi
+    assert lo and all(p is None for p in lo), lo
+    assert_matmul_close(highest(x), x, q, jnp.float32)
+
+
 # ----------------------------------------------------------------------------- CUDA lowering
 
 
@@ -179,6 +209,15 @@ WEIGHTS = [("nf4", 64, True, True), ("nf4", 64, False, False), ("fp4", 32, False
 def test_triton_lowers_for_cuda(fmt, blocksize, double_quant, transposed, config):
     text = _lower(lambda x, q: qmatmul_triton.qmatmul_triton(x, q, config=config), (256, 4096), (4096, 4096),
                   fmt, blocksize, double_quant, transposed)
+    assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("kernel,m", [(qmatmul_triton.qmatmul_triton, 256), (qmatmul_decode.qmatmul_decode, 16)])
+@pytest.mark.parametrize("precision", [None, jax.lax.Precision.HIGHEST])
+def test_float32_lowers_for_cuda(kernel, m, precision):
+    """float32 operands: TF32 dots by default, IEEE float32 with precision=HIGHEST."""
+    text = _lower(lambda x, q: kernel(x, q, precision=precision), (m, 4096), (4096, 4096), "nf4", 64, True, True,
+                  dtype=jnp.float32)
     assert "__gpu$xla.gpu.triton" in text
 
 
