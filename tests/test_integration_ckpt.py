@@ -284,8 +284,10 @@ def test_linen_scanned_adapters_roundtrip(rng, tmp_path):
     loaded = qjax.checkpoint.load_adapters(tmp_path / "a", fresh, CFG)
     assert_identical(loaded, trained)
     np.testing.assert_array_equal(np.asarray(qm.apply(loaded, x)), np.asarray(qm.apply(trained, x)))
-    with pytest.raises(ValueError, match="stacked adapters.*unstack"):
-        qjax.interop.save_peft_adapter(tmp_path / "p", trained, CFG)
+    # and as a PEFT adapter: one module per layer, stacked back on load
+    names = qjax.interop.save_peft_adapter(tmp_path / "p", trained, CFG)
+    assert names["params/layers_2/up"] == "model.layers.2.up" and len(names) == 3 * 2
+    assert_identical(qjax.interop.load_peft_adapter(tmp_path / "p", fresh, CFG), trained)
 
 
 # ----------------------------------------------------------------------------- PEFT / transformers

@@ -32,6 +32,11 @@ def is_nnx_module(x) -> bool:
     return isinstance(x, nnx.Module)
 
 
+def is_nnx(variables_or_model) -> bool:
+    """An NNX module or `nnx.State`: its layer lists are paths `layers/0`, Linen's are `layers_0`."""
+    return is_nnx_module(variables_or_model) or hasattr(variables_or_model, "to_pure_dict")
+
+
 def _is_adapter_path(path) -> bool:
     return bool(path) and str(path[-1]) in ADAPTER_NAMES
 

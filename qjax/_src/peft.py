@@ -4,7 +4,8 @@ qjax adapters are `lora_a` (in, r) and `lora_b` (r, out) with output `x @ A @ B 
 (rank > 2 adapters of DenseGeneral / Einsum layers are flattened to those);
 PEFT stores torch Linear weights `lora_A.weight` (r, in) and `lora_B.weight` (out, r) under
 "base_model.model.<module>.", so each is the transpose of the other. Module names go through
-a `NameMap` (default: Hugging Face Llama names).
+a `NameMap` (default: Hugging Face Llama names). Stacked adapters of scanned / vmapped layers
+(`lora_a (L, *in, r)`, `lora_b (L, r, *out)`) are one PEFT module per layer.
 """
 
 from __future__ import annotations
@@ -60,41 +61,77 @@ def _module_name(path) -> str:
     return "/".join(map(str, path))
 
 
+def _layers(path, a_shape, b_shape, stacked_module: str, nnx: bool) -> list[tuple[tuple, int | None]]:
+    """The PEFT modules of one adapter as [(Flax module path, index in its stack)].
+
+    A plain adapter is [(path, None)]. A stack of L layers (lora_a (L, *in, r), lora_b (L, r, *out))
+    is one module per layer i < L: the path's component named `stacked_module` becomes
+    `{stacked_module}_{i}` (Linen, like `layers_0`) or `{stacked_module}/{i}` (NNX, like `layers/0`).
+    Raises ValueError for nested stacks or a path without exactly one such component.
+    """
+    lead = ad.stacked_axes(a_shape, b_shape)
+    if lead == 0:
+        return [(path, None)]
+    what = (f"module {_module_name(path)!r} has stacked adapters (lora_a shape={tuple(a_shape)}, "
+            f"lora_b shape={tuple(b_shape)})")
+    if lead > 1:
+        raise ValueError(f"{what} with {lead} stacked axes (nested scans); PEFT files take one stacked "
+                         "axis, unstack the outer ones first")
+    hits = [j for j, k in enumerate(path) if str(k) == stacked_module]
+    if len(hits) != 1:
+        raise ValueError(f"{what} and {len(hits)} path components named stacked_module={stacked_module!r}; "
+                         "it must name the scanned / vmapped module, once in the path")
+    j = hits[0]
+    if nnx:
+        return [(path[:j + 1] + (i,) + path[j + 1:], i) for i in range(a_shape[0])]
+    return [(path[:j] + (f"{stacked_module}_{i}",) + path[j + 1:], i) for i in range(a_shape[0])]
+
+
 def save_peft_adapter(directory, variables_or_model, lora_config: LoraConfig, *, name_map: NameMap = LLAMA,
-                      base_model_name_or_path: str | None = None, task_type: str | None = None,
-                      dtype=None) -> dict[str, str]:
+                      stacked_module: str = "layers", base_model_name_or_path: str | None = None,
+                      task_type: str | None = None, dtype=None) -> dict[str, str]:
     """Writes the adapters as a PEFT LoRA adapter that `peft.PeftModel.from_pretrained` loads.
 
     directory: created if needed; gets adapter_model.safetensors and adapter_config.json.
     variables_or_model: Linen variables, `nnx.State` or NNX module with `lora_a`/`lora_b` leaves.
     lora_config: gives r, lora_alpha, lora_dropout, use_rslora.
     name_map: Flax module path -> torch module name (see `NameMap`).
+    stacked_module: name of the scanned / vmapped module (a Flax path component) whose stacked
+      adapters (`lora_a (L, *in, r)`, `lora_b (L, r, *out)`) get one PEFT module per layer: layer i
+      of `params/layers/self_attn/q_proj` is `params/layers_{i}/self_attn/q_proj` (Linen variables;
+      `layers/{i}/...` for an NNX module or state), which `LLAMA` names `model.layers.{i}.self_attn.q_proj`.
+      The default "layers" is what Hugging Face and the default name maps call the decoder layers.
     dtype: dtype of the stored tensors (default: the adapters' own).
     task_type: PEFT task type, e.g. "CAUSAL_LM" for a transformers model (None: a plain PeftModel).
     Adapters of DenseGeneral / Einsum layers (`lora_a (*in, r)`, `lora_b (r, *out)`) are stored
     flattened, `(r, prod(in))` / `(prod(out), r)`: the torch Linear whose weight is the flattened
     kernel (Hugging Face's q_proj for a (d_model, heads, head_dim) kernel); `load_peft_adapter`
     reshapes them back.
-    Returns {flax module path: torch module name}. Raises ValueError for stacked (scanned) adapters
-    or a rank that is not lora_config.r.
+    Returns {flax module path (per layer for stacks): torch module name}. Raises ValueError for a
+    rank that is not lora_config.r, two modules with one torch name, nested stacks or a stack
+    whose path does not hold `stacked_module` exactly once.
     """
     groups = ad.modules(ad.flat_adapters(variables_or_model))
+    nnx = ad.is_nnx(variables_or_model)
     tensors, names = {}, {}
     for path, pair in groups.items():
         a, b = np.asarray(pair["lora_a"]), np.asarray(pair["lora_b"])
-        if ad.stacked_axes(a.shape, b.shape) != 0:
-            raise ValueError(f"module {_module_name(path)!r} has stacked adapters (lora_a shape={a.shape}, "
-                             f"lora_b shape={b.shape}) from scanned / vmapped layers; PEFT files hold one "
-                             "Linear per module: unstack the layers first")
+        layers = _layers(path, a.shape, b.shape, stacked_module, nnx)
         if a.shape[-1] != lora_config.r:
             raise ValueError(f"module {_module_name(path)!r} has rank {a.shape[-1]}, lora_config.r={lora_config.r}")
-        a, b = _flat2d(a, "lora_a"), _flat2d(b, "lora_b")
-        name = name_map.to_torch(_module_name(path))
-        names[_module_name(path)] = name
-        if dtype is not None:
-            a, b = a.astype(dtype), b.astype(dtype)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        for layer_path, i in layers:
+            la, lb = (a, b) if i is None else (a[i], b[i])
+            la, lb = _flat2d(la, "lora_a"), _flat2d(lb, "lora_b")
+            name = name_map.to_torch(_module_name(layer_path))
+            if f"{PREFIX}{name}.lora_A.weight" in tensors:
+                other = next(p for p, n in names.items() if n == name)
+                raise ValueError(f"modules {other!r} and {_module_name(layer_path)!r} both map to torch "
+                                 f"module {name!r}")
+            names[_module_name(layer_path)] = name
+            if dtype is not None:
+                la, lb = la.astype(dtype), lb.astype(dtype)
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(la.T)
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(lb.T)
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": lora_config.r, "lora_alpha": lora_config.alpha, "lora_dropout": lora_config.dropout,
@@ -145,13 +182,15 @@ def read_peft_config(directory) -> LoraConfig:
 
 
 def load_peft_adapter(directory, variables_or_model, lora_config: LoraConfig | None = None, *,
-                      name_map: NameMap = LLAMA):
+                      name_map: NameMap = LLAMA, stacked_module: str = "layers"):
     """Reads a PEFT LoRA adapter into the `lora_a`/`lora_b` leaves of a converted model.
 
     directory: holds adapter_config.json and adapter_model.safetensors (as PEFT saves them).
     variables_or_model: the converted model (Linen variables: a new tree is returned; NNX
       module: updated in place). Every one of its adapters must be in the file and vice versa.
     lora_config: when given, r, alpha and use_rslora must match the file's.
+    name_map, stacked_module: as for `save_peft_adapter`; the per-layer modules of a stacked
+      adapter are read and stacked back into `lora_a (L, *in, r)`, `lora_b (L, r, *out)`.
     Weights are cast to the dtype of the model's adapters. Raises ValueError naming modules
     missing on either side, shape mismatches (another rank or model size) and config mismatches.
     """
@@ -163,31 +202,38 @@ def load_peft_adapter(directory, variables_or_model, lora_config: LoraConfig | N
             raise ValueError(f"PEFT adapter {os.fspath(directory)!r} does not match lora_config: " + "; ".join(diff))
     tensors = load_safetensors(os.path.join(os.fspath(directory), WEIGHTS_NAME))
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
-    flat = ad.flat_adapters(variables_or_model)
-    groups = ad.modules(flat)
+    groups = ad.modules(ad.flat_adapters(variables_or_model))
+    nnx = ad.is_nnx(variables_or_model)
     new, problems, used = {}, [], set()
     for path, pair in groups.items():
-        name = name_map.to_torch(_module_name(path))
+        layers = _layers(path, np.shape(pair["lora_a"]), np.shape(pair["lora_b"]), stacked_module, nnx)
         for leaf, torch_leaf in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
-            key = f"{PREFIX}{name}.{torch_leaf}.weight"
-            if key not in tensors:
-                problems.append(f"{_module_name(path)}/{leaf}: {key!r} is not in the file")
-                continue
-            used.add(key)
-            value = tensors[key].T
-            want = tuple(np.shape(pair[leaf]))
-            if value.shape == _flat2d_shape(want, leaf):
-                value = np.reshape(value, want)  # a DenseGeneral / Einsum layer's flattened Linear
-            if value.shape != want:
-                problems.append(f"{_module_name(path)}/{leaf}: file has shape={value.shape} (as {leaf}), "
-                                f"model has shape={want}")
-                continue
-            new[path + (leaf,)] = np.asarray(value).astype(pair[leaf].dtype)
+            shape, values = tuple(np.shape(pair[leaf])), []
+            for layer_path, i in layers:
+                where = f"{_module_name(layer_path)}/{leaf}"
+                key = f"{PREFIX}{name_map.to_torch(_module_name(layer_path))}.{torch_leaf}.weight"
+                if key not in tensors:
+                    problems.append(f"{where}: {key!r} is not in the file")
+                    continue
+                used.add(key)
+                value = tensors[key].T
+                want = shape if i is None else shape[1:]
+                if value.shape == _flat2d_shape(want, leaf):
+                    value = np.reshape(value, want)  # a DenseGeneral / Einsum layer's flattened Linear
+                if value.shape != want:
+                    problems.append(f"{where}: file has shape={value.shape} (as {leaf}), model has shape={want}"
+                                    + ("" if i is None else f" (layer {i} of {_module_name(path)!r}, shape={shape})"))
+                    continue
+                values.append(value)
+            if len(values) == len(layers):
+                value = values[0] if layers[0][1] is None else np.stack(values)
+                new[path + (leaf,)] = value.astype(pair[leaf].dtype)
     extra = sorted(k for k in tensors if k not in used)
     if extra:
         problems.append(f"file tensors with no adapter in the model: {extra[:10]}"
                         + (f" and {len(extra) - 10} more" if len(extra) > 10 else ""))
     if problems:
-        raise ValueError(f"PEFT adapter {os.fspath(directory)!r} does not fit this model:\n  " + "\n  ".join(problems))
+        shown = problems[:20] + ([f"and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise ValueError(f"PEFT adapter {os.fspath(directory)!r} does not fit this model:\n  " + "\n  ".join(shown))
     import jax.numpy as jnp
     return ad.replace_adapters(variables_or_model, {p: jnp.asarray(v) for p, v in new.items()})
