@@ -83,7 +83,7 @@ def _chunk_rows(q: QuantizedArray, dtype, budget: int) -> int:
     rows, cols = q.storage_shape
     if not q.structured:
         return rows  # blocks cross rows: decode the weight in one step
-    return max(1, min(rows, budget // (cols * np.dtype(dtype).itemsize)))
+    return int(max(1, min(rows, budget // (cols * np.dtype(dtype).itemsize))))
 
 
 def _rows_of(q: QuantizedArray, absmax, packed_rows, absmax_rows):
@@ -162,6 +162,20 @@ def _chunked_qmatmul(x2, q: QuantizedArray, dtype, precision, contract_packed: b
     return sum(parts[1:], parts[0])
 
 
+def _sees_whole_arrays() -> bool:
+    """True when this computation holds whole arrays: one device, or inside `shard_map` over every axis.
+
+    Under GSPMD (plain jit over several devices) the weight may be sharded along the axis the
+    loop slices, and the partitioner would gather or reshard it step by step (measured: 2-6x
+    the collective bytes of a train step, benchmarks/RESULTS.md), so there it is decoded whole;
+    `qmatmul_sharded` (and the QLoRA layers on Explicit meshes) run the loop per shard instead.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh.size == 1 or all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+    return jax.device_count() == 1
+
+
 def xla_qmatmul(x, q: QuantizedArray, dtype, precision=None, adjoint: bool = False):
     """x (..., K) @ q (K, N) in jnp: fused dequantize, then dots with float32 accumulation.
 
@@ -170,6 +184,7 @@ def xla_qmatmul(x, q: QuantizedArray, dtype, precision=None, adjoint: bool = Fal
     is decoded a chunk of storage rows at a time inside a loop (`CPU_CHUNK_BYTES` per step on
     the CPU, `CHUNK_BYTES` elsewhere), so no dense-sized temporary exists; contracting the
     packed axis gives each chunk's outputs, contracting the row axis sums partial products.
+    Under GSPMD over several devices the weight is decoded in one step (`_sees_whole_arrays`).
     A structured 4-bit weight is used as its even/odd nibble halves.
     """
     x = x.astype(dtype)
@@ -179,7 +194,10 @@ def xla_qmatmul(x, q: QuantizedArray, dtype, precision=None, adjoint: bool = Fal
     def run(budget):
         return lambda x2: _chunked_qmatmul(x2, q, dtype, precision, contract_packed, budget)
 
-    y = jax.lax.platform_dependent(x2, cpu=run(CPU_CHUNK_BYTES), default=run(CHUNK_BYTES))
+    if _sees_whole_arrays():
+        y = jax.lax.platform_dependent(x2, cpu=run(CPU_CHUNK_BYTES), default=run(CHUNK_BYTES))
+    else:
+        y = run(math.inf)(x2)
     return y.reshape(x.shape[:-1] + (y.shape[-1],)).astype(dtype)
 
 

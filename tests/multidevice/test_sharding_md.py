@@ -70,6 +70,28 @@ def test_qmatmul_sharded_is_exact_and_gathers_nothing(rng, explicit, double_quan
     np.testing.assert_array_equal(np.asarray(f(eye, qs)), np.asarray(qjax.dequantize(q)))
 
 
+def test_chunk_loop_runs_per_shard_not_under_gspmd(rng, monkeypatch):
+    """With a budget of a few rows: the loop runs inside qmatmul_sharded (local shards) with no
+    collective, while plain jit over the mesh decodes the sharded weight in one step."""
+    from qjax._src import qmatmul as qmatmul_module
+
+    monkeypatch.setattr(qmatmul_module, "CPU_CHUNK_BYTES", 4 * 512 * 4)
+    mesh = make_mesh()
+    spec, x_spec = SPLITS[0]
+    q = qjax.quantize(_weight(rng), "nf4", blocksize=64, double_quant=True)
+    x = jnp.asarray(rng.standard_normal((8, 256)).astype(np.float32))
+    qs = qjax.shard_params({"w": q}, mesh, {"w": spec})["w"]
+    xs = jax.device_put(x, NamedSharding(mesh, x_spec))
+    sharded = jax.jit(lambda x, w: qjax.qmatmul_sharded(x, w, mesh, spec, x_spec=x_spec))
+    text = sharded.lower(xs, qs).compile().as_text()
+    assert " while(" in text and not hlo_collectives(text)
+    gspmd = jax.jit(qjax.qmatmul)
+    assert " while(" not in gspmd.lower(xs, qs).compile().as_text()
+    ref = qjax.qmatmul(x, q)  # unsharded
+    for y in (sharded(xs, qs), gspmd(xs, qs)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
 def test_qmatmul_sharded_rejects_mismatched_x_spec(rng):
     mesh = make_mesh()
     q = qjax.quantize(_weight(rng), "nf4", blocksize=64)
