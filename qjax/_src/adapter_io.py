@@ -15,7 +15,7 @@ from qjax._src import checkpoint as ck
 from qjax._src.lora_config import LoraConfig
 
 ADAPTERS_KEY = "qjax_adapters"
-# Fields that change what the stored adapters compute; dropout / init / loftq_iter do not.
+# Fields that change what the stored adapters compute; dropout / init / loftq_* do not.
 _CHECKED_FIELDS = ("r", "alpha", "use_rslora", "target_modules", "exclude")
 
 

@@ -16,13 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._src import formats
-from qjax._src.lora_config import LoraConfig
+from qjax._src.lora_config import LOFTQ_METHODS as _METHODS, LoraConfig
 from qjax._src.policy import QuantConfig
 from qjax._src.qarray import QuantizedArray
 from qjax._src.quantize import check_blocksize, check_finite, check_float_array, dequantize, quantize
 
 _F32 = jnp.float32
-_METHODS = ("svd", "randomized")
 
 
 def low_rank(m, r: int, *, method: str = "svd", oversample: int = 8, power_iters: int = 4):
@@ -130,20 +129,21 @@ def loftq(w, r: int, quant_config="nf4", *, num_iter: int = 1, transposed: bool 
                   int(num_iter), bool(transposed), method, bool(keep_best))
 
 
-def loftq_init(kernel, lora_config: LoraConfig, quant_config, *, transposed: bool = False,
-               method: str = "svd") -> tuple[QuantizedArray, jax.Array, jax.Array]:
+def loftq_init(kernel, lora_config: LoraConfig, quant_config, *,
+               transposed: bool = False) -> tuple[QuantizedArray, jax.Array, jax.Array]:
     """What a QLoRA layer with `LoraConfig(init="loftq")` starts from, the scaling folded in.
 
     kernel: (in, out) dense kernel. Returns (q, lora_a (in, r), lora_b (r, out)) with
     `dequantize(q) + (x @ lora_a @ lora_b) * lora_config.scaling` ≈ `x @ kernel`: both factors
     are divided by sqrt(scaling), so the adapters' product times the layer's scaling is the
-    LoftQ correction. Rank is `lora_config.r`, iterations `lora_config.loftq_iter`.
+    LoftQ correction. Rank is `lora_config.r`, iterations `lora_config.loftq_iter`, low-rank
+    method `lora_config.loftq_method`.
     lora_a and lora_b are float32 (cast them to the adapters' param_dtype).
     """
     if not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a LoraConfig, got {type(lora_config).__name__}")
     q, a, b = loftq(kernel, lora_config.r, quant_config, num_iter=lora_config.loftq_iter,
-                    transposed=transposed, method=method)
+                    transposed=transposed, method=lora_config.loftq_method)
     inv = 1.0 / math.sqrt(lora_config.scaling)
     return q, a * inv, b * inv
 

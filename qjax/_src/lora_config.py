@@ -7,6 +7,7 @@ import math
 from typing import Sequence, Union
 
 _INITS = ("default", "gaussian", "loftq")
+LOFTQ_METHODS = ("svd", "randomized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +18,8 @@ class LoraConfig:
       (globs or "re:" regexes, see QuantConfig) matched against module paths.
     exclude: patterns never converted. init: "default" (A random, B zero: the converted model
       computes what the quantized base computes), "gaussian" or "loftq" (loftq_iter rounds).
+    loftq_method: "svd" (exact) or "randomized" (randomized range finder: only matmuls and thin
+      QRs touch the full matrix, for large kernels; see `qjax.low_rank`).
     """
 
     r: int = 8
@@ -27,6 +30,7 @@ class LoraConfig:
     use_rslora: bool = False
     init: str = "default"
     loftq_iter: int = 1
+    loftq_method: str = "svd"
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r < 1:
@@ -37,6 +41,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.init must be one of {_INITS}, got {self.init!r}")
         if self.loftq_iter < 1:
             raise ValueError(f"LoraConfig.loftq_iter must be >= 1, got {self.loftq_iter!r}")
+        if self.loftq_method not in LOFTQ_METHODS:
+            raise ValueError(f"LoraConfig.loftq_method must be one of {LOFTQ_METHODS}, got {self.loftq_method!r}")
         if not isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         elif self.target_modules != "all-linear":
