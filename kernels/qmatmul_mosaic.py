@@ -1,14 +1,24 @@
 """Fused dequantize-matmul for Hopper on the Mosaic GPU backend (TMA + wgmma): prefill/training shapes.
 
-Design. The weight is consumed in torch's `(out, in)` = `(N, K)` storage (a transposed
-QuantizedArray, as bitsandbytes/PEFT checkpoints hold it), which is exactly the shape wgmma
-wants for a *register* left operand. Each CTA owns an output tile and computes its transpose:
+Structure (both layouts). A `plgpu.kernel` over a grid of CTAs, each CTA with
+`compute_wgs + 1` warpgroups, run by `plgpu.emit_pipeline_warp_specialized`: the last warpgroup
+(40 registers) only issues the TMA copies of each K step into `max_concurrent_steps` SMEM
+buffers; the `compute_wgs` (1 or 2) compute warpgroups sit side by side along N, each owning
+`block_n` of the CTA's output columns: each decodes only its own codes and runs its own wgmmas
+into its own float32 accumulator, and all of them read the same x tile. With two, one
+warpgroup's decode (CUDA cores) can overlap the other's wgmma (tensor cores). When the K loop
+ends, each compute warpgroup writes its tile back through SMEM: (64, 64) tiles rounded to the
+compute dtype, alternating between two SMEM slots, each copied out by TMA.
+
+Transposed `(N, K)` storage (a transposed QuantizedArray, as bitsandbytes/PEFT checkpoints hold
+it) is exactly the shape wgmma wants for a *register* left operand, so each compute warpgroup
+computes its output tile transposed:
 
     acc (block_n, block_m) += decode(W^T tile) (block_n, tk) @ x^T tile (tk, block_m)
 
-  - TMA streams, per K step, the packed codes (block_n, tk / 2) uint8, the matching x tiles and
-    one float32 absmax per weight row (the decoded statistics, transposed to (K / bs, N) so a
-    step reads one contiguous row), double-buffered by `plgpu.emit_pipeline`.
+  - TMA streams, per K step, the packed codes (compute_wgs * block_n, tk / 2) uint8, the
+    matching x tiles and one float32 absmax per weight row (the decoded statistics, transposed
+    to (K / bs, N) so a step reads one contiguous row).
   - Codes are decoded in registers: the high nibble of byte j is element 2j, the low nibble
     element 2j + 1, so instead of interleaving registers the kernel splits the contraction into
     even and odd k: x is de-interleaved once outside (x[:, 0::2], x[:, 1::2]) and each step
@@ -16,28 +26,30 @@ wants for a *register* left operand. Each CTA owns an output tile and computes i
     a mask, a 15-select tree over the codebook and one multiply by the row's absmax (broadcast
     along K), rounded once to bf16/f16: the same numbers as `qjax.dequantize`.
   - int8 (blockwise) needs no split: one wgmma per step on `codes * absmax / 127`.
-  - The (block_n, block_m) float32 accumulator is stored transposed ((N, M) output), and the
-    wrapper transposes it back; M is padded to block_m with zero rows.
+  - The output is (N, M) (the accumulator's orientation); the wrapper transposes it back. M is
+    padded to block_m with zero rows.
 
 Each K step stays inside one quantization block (tk <= blocksize), so a step needs one absmax
 per row.
 
 A plain `(K, N)` weight (quantized from a JAX `(in, out)` kernel, and the backward pass of a
 torch-ordered one) is packed along N, so its decoded tile is the *right* wgmma operand, which
-must live in shared memory: each K step (64 rows) decodes the codes tile in registers into its
-even-column and odd-column halves, stores both as bf16/f16 into swizzled SMEM, fences, and
-issues `x tile @ half` into two accumulators (the even and odd output columns, interleaved by
-the wrapper). The absmax, transposed to (N / bs, K), gives each block of columns its row; a
-column iota selects between them when a tile spans several blocks.
+must live in shared memory: each K step (64 rows), a compute warpgroup decodes its (64, 128)
+columns in registers into their even-column and odd-column halves, stores both as bf16/f16 into
+its own swizzled SMEM tiles, fences, and issues `x tile @ half` into two accumulators (the even
+and odd output columns, written to two outputs and interleaved by the wrapper). The absmax,
+transposed to (N / bs, K), gives each block of columns its row; a column iota selects between
+them when a tile spans several blocks.
 
 Limits, checked with clear errors: bf16/f16 compute (wgmma f32 would be tf32, not the oracle's
-numbers), a structured weight, N a multiple of block_n (plain layout: block_n = 128 and K a
-multiple of 64).
+numbers), a structured weight, N a multiple of compute_wgs * block_n (plain layout: block_n =
+128 and K a multiple of 64). Without a config, `default_config` takes two compute warpgroups
+when N % 256 == 0 and one otherwise.
 
 Mosaic GPU kernels do not run in Pallas interpret mode (no discharge rule for TMA copies), so
-this file also has `emulate`, a jnp transcription of the kernel's schedule (same tiles, same
-even/odd split, same decode function, same per-step absmax row), which the tests run on the CPU;
-the kernel itself is checked by lowering it for CUDA.
+this file also has `emulate`, a jnp transcription of the kernel's schedule (same CTAs and
+warpgroup tiles, same even/odd split, same decode function, same per-step absmax rows), which
+the tests run on the CPU; the kernel itself is checked by lowering it for CUDA.
 """
 
 from __future__ import annotations
@@ -61,11 +73,19 @@ _HALF_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-    """block_n: 64 or 128 (wgmma M, rows of W^T); block_m: 64, 128 or 256 (wgmma N, rows of x)."""
+    """Tiles of one compute warpgroup, and how many compute warpgroups share a CTA.
+
+    block_n: 64 or 128 output columns per compute warpgroup (transposed weight: wgmma M, rows of
+      W^T; plain weight: 128). block_m: 64, 128 or 256 rows of x per CTA (transposed: wgmma N).
+    max_concurrent_steps: K steps in flight (SMEM buffers per TMA input).
+    compute_wgs: 1 or 2 compute warpgroups side by side along N (a CTA covers compute_wgs *
+      block_n columns), beside the one producer warpgroup that issues the TMA copies.
+    """
 
     block_n: int = 128
     block_m: int = 128
     max_concurrent_steps: int = 2
+    compute_wgs: int = 2
 
     def validate(self) -> None:
         problems = []
@@ -75,6 +95,8 @@ class MosaicConfig:
             problems.append(f"block_m={self.block_m} must be 64, 128 or 256")
         if self.max_concurrent_steps < 1:
             problems.append(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1")
+        if self.compute_wgs not in (1, 2):
+            problems.append(f"compute_wgs={self.compute_wgs} must be 1 or 2")
         if problems:
             raise ValueError(f"Invalid {self!r}: " + "; ".join(problems))
 
@@ -118,31 +140,81 @@ def _transforms(row_bytes: int, itemsize: int):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+EPI = 64  # the epilogue stores (EPI, EPI) output tiles: registers -> SMEM slot -> TMA
+_PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def _out_smem(cfg: MosaicConfig, dtype):
+    """Two epilogue slots per compute warpgroup: (compute_wgs, 2, EPI, EPI) in dtype."""
+    itemsize = np.dtype(dtype).itemsize
+    return plgpu.SMEM((cfg.compute_wgs, 2, EPI, EPI), dtype, transforms=_transforms(EPI * itemsize, itemsize))
+
+
+def _store(tiles, slots):
+    """[(tile (r, c) in registers, its out_gmem (r, c))] -> GMEM by TMA, EPI x EPI at a time.
+
+    The epilogue tiles alternate between the two SMEM slots (2, EPI, EPI), across all outputs,
+    so a slot is rewritten only once the copy before last (its previous use) has read it.
+    """
+    epi = [(tile, out_gmem, slice(i, i + EPI), slice(j, j + EPI)) for tile, out_gmem in tiles
+           for i in range(0, tile.shape[0], EPI) for j in range(0, tile.shape[1], EPI)]
+    for t, (tile, out_gmem, rows, cols) in enumerate(epi):
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        slot = slots.at[t % 2]
+        slot[...] = tile[rows, cols]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(slot, out_gmem.at[rows, cols])
+
+
 def _kernel(codes_gmem, absmax_gmem, *refs, spec, cfg: MosaicConfig, dtype):
-    *x_gmems, o_smem, acc = refs
+    """Transposed layout; one CTA: out_t rows [n * compute_wgs * block_n, ...) x columns [m * block_m, ...).
+
+    codes (N, K * bits / 8) uint8; absmax (K / bs, N) float32; x parts (Mp, K / parts) dtype;
+    out_t (N, Mp) dtype. Compute warpgroup w owns block_n of the CTA's rows of W^T.
+    """
+    *x_gmems, out_gmem, out_smem = refs
     parts = len(x_gmems)
     tn, tm = cfg.block_n, cfg.block_m
+    cta_n = cfg.compute_wgs * tn
     tkp = step_k(spec) // parts  # columns of codes / of each x part per step
     steps_per_block = spec.blocksize // step_k(spec)
-    n = pl.program_id(0)
-    m = pl.program_id(1)
+    n, m = jax.lax.axis_index("n"), jax.lax.axis_index("m")
     itemsize = np.dtype(dtype).itemsize
 
-    def step(_, codes_smem, absmax_smem, *x_smems):
-        ws = decode_step(codes_smem[...], absmax_smem[...], spec, dtype)
+    def step(_, codes_smem, absmax_smem, *x_smems_acc):
+        *x_smems, acc = x_smems_acc
+        rows = pl.ds(jax.lax.axis_index("wg") * tn, tn)
+        ws = decode_step(codes_smem[rows], absmax_smem[rows], spec, dtype)
         for w, x_smem in zip(ws, x_smems):
             plgpu.wgmma(acc, w, plgpu.transpose_ref(x_smem, (1, 0)))
         plgpu.wgmma_wait(0)
+        return acc
 
-    x_spec = plgpu.BlockSpec((tm, tkp), lambda s: (m, s), transforms=_transforms(tkp * itemsize, itemsize))
-    plgpu.emit_pipeline(
+    def compute_context(run):
+        @functools.partial(pl.run_scoped, acc=plgpu.ACC((tn, tm), jnp.float32))
+        def _(acc):
+            run(acc)
+            wg = jax.lax.axis_index("wg")
+            _store([(acc[...].astype(dtype), out_gmem.at[pl.ds(n * cta_n + wg * tn, tn), pl.ds(m * tm, tm)])],
+                   out_smem.at[wg])
+
+    x_spec = plgpu.BlockSpec((tm, tkp), lambda s: (0, s), transforms=_transforms(tkp * itemsize, itemsize),
+                             memory_space=plgpu.SMEM)
+    plgpu.emit_pipeline_warp_specialized(
         step,
         grid=(spec.k // step_k(spec),),
-        in_specs=[plgpu.BlockSpec((tn, tkp), lambda s: (n, s), transforms=_transforms(tkp, 1)),
-                  plgpu.BlockSpec((None, tn), lambda s: (s // steps_per_block, n))] + [x_spec] * parts,
+        memory_registers=40,
+        in_specs=[plgpu.BlockSpec((cta_n, tkp), lambda s: (0, s), transforms=_transforms(tkp, 1),
+                                  memory_space=plgpu.SMEM),
+                  plgpu.BlockSpec((None, cta_n), lambda s: (s // steps_per_block, 0), memory_space=plgpu.SMEM)]
+        + [x_spec] * parts,
+        wg_axis="wg",
+        num_compute_wgs=cfg.compute_wgs,
         max_concurrent_steps=cfg.max_concurrent_steps,
-    )(codes_gmem, absmax_gmem, *x_gmems)
-    o_smem[...] = acc[...].astype(o_smem.dtype)
+        compute_context=compute_context,
+    )(codes_gmem.at[pl.ds(n * cta_n, cta_n)], absmax_gmem.at[:, pl.ds(n * cta_n, cta_n)],
+      *(x.at[pl.ds(m * tm, tm)] for x in x_gmems))
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _operands(x2, q: QuantizedArray, spec, tm: int):
@@ -160,17 +232,16 @@ def _call(x2, q, *, spec, cfg, dtype):
     m = x2.shape[0]
     codes, absmax_t, parts = _operands(x2, q, spec, cfg.block_m)
     mp = parts[0].shape[0]
-    gmem = pl.BlockSpec(memory_space=plgpu.GMEM)
-    out_t = pl.pallas_call(
+    out_t = plgpu.kernel(
         functools.partial(_kernel, spec=spec, cfg=cfg, dtype=dtype),
-        grid=(spec.n // cfg.block_n, mp // cfg.block_m),
-        in_specs=[gmem] * (2 + len(parts)),
-        out_specs=plgpu.BlockSpec((cfg.block_n, cfg.block_m), lambda n, m: (n, m),
-                                  transforms=_transforms(cfg.block_m * dtype.itemsize, dtype.itemsize)),
-        out_shape=jax.ShapeDtypeStruct((spec.n, mp), dtype),
-        scratch_shapes=[plgpu.ACC((cfg.block_n, cfg.block_m), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        name=f"qmatmul_mosaic_{spec.format}",
+        out_type=jax.ShapeDtypeStruct((spec.n, mp), dtype),
+        scratch_types=[_out_smem(cfg, dtype)],
+        grid=(spec.n // (cfg.compute_wgs * cfg.block_n), mp // cfg.block_m),
+        grid_names=("n", "m"),
+        num_threads=cfg.compute_wgs + 1,
+        thread_name="wg",
+        compiler_params=_PARAMS,
+        kernel_name=f"qmatmul_mosaic_{spec.format}",
     )(codes, absmax_t, *parts)
     return out_t[:, :m].T
 
@@ -179,39 +250,71 @@ PLAIN_TK = 64  # K rows per step for a plain (K, N) weight
 
 
 def _plain_geometry(spec: _tiles.WeightSpec, cfg: MosaicConfig):
-    """(parts, width of a part, absmax rows per tile, columns of a part per absmax row)."""
+    """(parts, width of a part per warpgroup, absmax rows per warpgroup, columns of a part per
+    absmax row, absmax rows per CTA).
+
+    A CTA spans compute_wgs * block_n columns: one absmax row, shared by its warpgroups, when the
+    blocksize covers that span; else compute_wgs * blocks rows, warpgroup w reading [w * blocks, ...).
+    """
     parts = 2 if spec.bits == 4 else 1
     blocks = max(1, cfg.block_n // spec.blocksize)
-    return parts, cfg.block_n // parts, blocks, min(cfg.block_n, spec.blocksize) // parts
+    cta_rows = max(1, cfg.compute_wgs * cfg.block_n // spec.blocksize)
+    return parts, cfg.block_n // parts, blocks, min(cfg.block_n, spec.blocksize) // parts, cta_rows
 
 
 def _kernel_plain(x_gmem, codes_gmem, absmax_gmem, *refs, spec, cfg: MosaicConfig, dtype):
-    parts, width, blocks, block_cols = _plain_geometry(spec, cfg)
-    o_smems, accs, w_smems = refs[:parts], refs[parts:2 * parts], refs[2 * parts:]
-    tm, tn, tk = cfg.block_m, cfg.block_n, PLAIN_TK
-    m = pl.program_id(0)
-    n = pl.program_id(1)
+    """Plain layout; one CTA: output rows [m * block_m, ...) x columns [n * compute_wgs * block_n, ...).
+
+    x (Mp, K) dtype; codes (K, N * bits / 8) uint8; absmax (N / bs, K) float32; outputs: parts
+    (Mp, N / parts) dtype (even/odd columns for 4-bit). Compute warpgroup w owns block_n of the
+    CTA's columns: it decodes them into its own SMEM tiles w_smems[p].at[w] and runs the wgmmas.
+    """
+    parts, width, blocks, block_cols, cta_rows = _plain_geometry(spec, cfg)
+    out_gmems, (out_smem, *w_smems) = refs[:parts], refs[parts:]
+    tm, tk = cfg.block_m, PLAIN_TK
+    cta_w = cfg.compute_wgs * width
+    m, n = jax.lax.axis_index("m"), jax.lax.axis_index("n")
     itemsize = np.dtype(dtype).itemsize
 
-    def step(_, x_smem, codes_smem, absmax_smem):
-        absmax = column_absmax(absmax_smem, (tk, width), block_cols, blocks)
-        for w, w_smem in zip(decode_parts(codes_smem[...], absmax, spec, dtype), w_smems):
-            w_smem[...] = w
+    def step(_, x_smem, codes_smem, absmax_smem, accs):
+        wg = jax.lax.axis_index("wg")
+        codes = codes_smem[:, pl.ds(wg * width, width)]
+        rows = absmax_smem if cta_rows == 1 else absmax_smem.at[pl.ds(wg * blocks, blocks)]
+        rows = [plgpu.layout_cast(rows[b], plgpu.Layout.WGMMA.reduce(1)) for b in range(blocks)]
+        absmax = column_absmax(rows, (tk, width), block_cols, blocks)
+        for w, w_smem in zip(decode_parts(codes, absmax, spec, dtype), w_smems):
+            w_smem[wg] = w
         plgpu.commit_smem()  # make the decoded tile visible to the tensor cores
         for acc, w_smem in zip(accs, w_smems):
-            plgpu.wgmma(acc, x_smem, w_smem)
+            plgpu.wgmma(acc, x_smem, w_smem.at[wg])
         plgpu.wgmma_wait(0)  # the next step overwrites w_smems
+        return accs
 
-    plgpu.emit_pipeline(
+    def compute_context(run):
+        @functools.partial(pl.run_scoped, accs=[plgpu.ACC((tm, width), jnp.float32)] * parts)
+        def _(accs):
+            run(tuple(accs))
+            wg = jax.lax.axis_index("wg")
+            cols = pl.ds(n * cta_w + wg * width, width)
+            _store([(acc[...].astype(dtype), out_gmem.at[pl.ds(m * tm, tm), cols])
+                    for acc, out_gmem in zip(accs, out_gmems)], out_smem.at[wg])
+
+    plgpu.emit_pipeline_warp_specialized(
         step,
         grid=(spec.k // tk,),
-        in_specs=[plgpu.BlockSpec((tm, tk), lambda s: (m, s), transforms=_transforms(tk * itemsize, itemsize)),
-                  plgpu.BlockSpec((tk, width), lambda s: (s, n), transforms=_transforms(width, 1)),
-                  plgpu.BlockSpec((blocks, tk), lambda s: ((n * tn // spec.blocksize) // blocks, s))],
+        memory_registers=40,
+        in_specs=[plgpu.BlockSpec((tm, tk), lambda s: (0, s), transforms=_transforms(tk * itemsize, itemsize),
+                                  memory_space=plgpu.SMEM),
+                  plgpu.BlockSpec((tk, cta_w), lambda s: (s, 0), transforms=_transforms(width, 1),
+                                  memory_space=plgpu.SMEM),
+                  plgpu.BlockSpec((cta_rows, tk), lambda s: (0, s), memory_space=plgpu.SMEM)],
+        wg_axis="wg",
+        num_compute_wgs=cfg.compute_wgs,
         max_concurrent_steps=cfg.max_concurrent_steps,
-    )(x_gmem, codes_gmem, absmax_gmem)
-    for o_smem, acc in zip(o_smems, accs):
-        o_smem[...] = acc[...].astype(o_smem.dtype)
+        compute_context=compute_context,
+    )(x_gmem.at[pl.ds(m * tm, tm)], codes_gmem.at[:, pl.ds(n * cta_w, cta_w)],
+      absmax_gmem.at[pl.ds(n * cfg.compute_wgs * cfg.block_n // spec.blocksize, cta_rows)])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _interleave(parts):
@@ -224,32 +327,35 @@ def _interleave(parts):
 @functools.partial(jax.jit, static_argnames=("spec", "cfg", "dtype"))
 def _call_plain(x2, q, *, spec, cfg, dtype):
     m = x2.shape[0]
-    parts, width, _, _ = _plain_geometry(spec, cfg)
+    parts, width = _plain_geometry(spec, cfg)[:2]
     mp = _tiles.num_tiles(m, cfg.block_m) * cfg.block_m
     x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
     codes, absmax = _tiles.storage_operands(q)
     itemsize = dtype.itemsize
-    out_spec = plgpu.BlockSpec((cfg.block_m, width), lambda m, n: (m, n),
-                               transforms=_transforms(width * itemsize, itemsize))
-    outs = pl.pallas_call(
+    w_smem = plgpu.SMEM((cfg.compute_wgs, PLAIN_TK, width), dtype, transforms=_transforms(width * itemsize, itemsize))
+    outs = plgpu.kernel(
         functools.partial(_kernel_plain, spec=spec, cfg=cfg, dtype=dtype),
-        grid=(mp // cfg.block_m, spec.n // cfg.block_n),
-        in_specs=[pl.BlockSpec(memory_space=plgpu.GMEM)] * 3,
-        out_specs=[out_spec] * parts,
-        out_shape=[jax.ShapeDtypeStruct((mp, spec.n // parts), dtype)] * parts,
-        scratch_shapes=([plgpu.ACC((cfg.block_m, width), jnp.float32)] * parts
-                        + [plgpu.SMEM((PLAIN_TK, width), dtype, transforms=_transforms(width * itemsize, itemsize))]
-                        * parts),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        name=f"qmatmul_mosaic_plain_{spec.format}",
+        out_type=[jax.ShapeDtypeStruct((mp, spec.n // parts), dtype)] * parts,
+        scratch_types=[_out_smem(cfg, dtype)] + [w_smem] * parts,
+        grid=(mp // cfg.block_m, spec.n // (cfg.compute_wgs * cfg.block_n)),
+        grid_names=("m", "n"),
+        num_threads=cfg.compute_wgs + 1,
+        thread_name="wg",
+        compiler_params=_PARAMS,
+        kernel_name=f"qmatmul_mosaic_plain_{spec.format}",
     )(x2, codes, absmax.T)  # absmax: (K, N / bs) -> (N / bs, K), a row per block of columns
     return _interleave(outs)[:m]
+
+
+def default_config(spec: _tiles.WeightSpec) -> MosaicConfig:
+    """The config used when none is given: two compute warpgroups when N % 256 == 0, else one."""
+    return MosaicConfig(compute_wgs=2 if spec.n % 256 == 0 else 1)
 
 
 def check(x_shape, q: QuantizedArray, dtype, config: MosaicConfig | None = None) -> _tiles.WeightSpec:
     """Validates the operands for the Mosaic GPU kernel; raises ValueError naming what it cannot take."""
     spec = _tiles.weight_spec(x_shape, q, dtype, "qmatmul_mosaic")
-    cfg = config or MosaicConfig()
+    cfg = config or default_config(spec)
     cfg.validate()
     problems = []
     if np.dtype(dtype) not in _HALF_DTYPES:
@@ -259,8 +365,9 @@ def check(x_shape, q: QuantizedArray, dtype, config: MosaicConfig | None = None)
             problems.append(f"a plain (K, N) weight needs block_n=128, got block_n={cfg.block_n}")
         if spec.k % PLAIN_TK:
             problems.append(f"a plain (K, N) weight needs K={spec.k} to be a multiple of {PLAIN_TK}")
-    if spec.n % cfg.block_n:
-        problems.append(f"N={spec.n} must be a multiple of block_n={cfg.block_n}")
+    if spec.n % (cfg.compute_wgs * cfg.block_n):
+        wgs = f" x compute_wgs={cfg.compute_wgs}" if cfg.compute_wgs > 1 else ""
+        problems.append(f"N={spec.n} must be a multiple of block_n={cfg.block_n}{wgs}")
     if problems:
         raise ValueError(f"qmatmul_mosaic cannot take x shape={tuple(x_shape)} with {q!r}: " + "; ".join(problems))
     return spec
@@ -271,26 +378,27 @@ def qmatmul_mosaic(x, q: QuantizedArray, *, compute_dtype=None, config: MosaicCo
 
     x: (..., K) float array, cast to compute_dtype (bfloat16 or float16; default x.dtype).
     q: structured QuantizedArray (nf4/fp4 with or without double quant, blockwise int8),
-    logical (K, N), plain or transposed, N a multiple of block_n. Returns (..., N) in compute_dtype.
-    Raises ValueError for anything else (see `check`).
+    logical (K, N), plain or transposed, N a multiple of compute_wgs * block_n (config None:
+    `default_config`). Returns (..., N) in compute_dtype. Raises ValueError for anything else
+    (see `check`).
     """
     dtype = np.dtype(compute_dtype if compute_dtype is not None else x.dtype)
-    cfg = config or MosaicConfig()
-    spec = check(np.shape(x), q, dtype, cfg)
+    spec = check(np.shape(x), q, dtype, config)
+    cfg = config or default_config(spec)
     x2, lead = _tiles.flatten_x(jnp.asarray(x), spec.k, dtype)
     call = _call if spec.transposed else _call_plain
     return call(x2, q, spec=spec, cfg=cfg, dtype=dtype).reshape(lead + (spec.n,))
 
 
 def emulate(x, q: QuantizedArray, *, compute_dtype=None, config: MosaicConfig | None = None) -> jax.Array:
-    """The kernel's schedule in jnp (runs anywhere): same tiles, split, decode and absmax rows.
+    """The kernel's schedule in jnp (runs anywhere): same CTAs, warpgroup tiles, split, decode and absmax rows.
 
-    Only the data movement (TMA, SMEM, wgmma) is replaced: each step's products are
+    Only the data movement (TMA, SMEM, wgmma, epilogue) is replaced: each step's products are
     float32-accumulated dots. Used by the tests as the CPU check of the kernel's indexing.
     """
     dtype = np.dtype(compute_dtype if compute_dtype is not None else x.dtype)
-    cfg = config or MosaicConfig()
-    spec = check(np.shape(x), q, dtype, cfg)
+    spec = check(np.shape(x), q, dtype, config)
+    cfg = config or default_config(spec)
     x2, lead = _tiles.flatten_x(jnp.asarray(x), spec.k, dtype)
     emulated = _emulate_transposed if spec.transposed else _emulate_plain
     return emulated(x2, q, spec, cfg, dtype)[: x2.shape[0]].reshape(lead + (spec.n,))
@@ -299,41 +407,49 @@ def emulate(x, q: QuantizedArray, *, compute_dtype=None, config: MosaicConfig | 
 def _emulate_transposed(x2, q, spec, cfg, dtype):
     codes, absmax_t, parts = _operands(x2, q, spec, cfg.block_m)
     tn, tm, tk = cfg.block_n, cfg.block_m, step_k(spec)
+    cta_n = cfg.compute_wgs * tn
     tkp = tk // len(parts)
     steps_per_block = spec.blocksize // tk
     mp = parts[0].shape[0]
     out_t = jnp.zeros((spec.n, mp), dtype)
-    for n in range(spec.n // tn):
+    for n in range(spec.n // cta_n):
         for mi in range(mp // tm):
-            acc = jnp.zeros((tn, tm), jnp.float32)
-            for s in range(spec.k // tk):
-                c = codes[n * tn:(n + 1) * tn, s * tkp:(s + 1) * tkp]
-                am = absmax_t[s // steps_per_block, n * tn:(n + 1) * tn]
-                for w, xp in zip(decode_step(c, am, spec, dtype), parts):
-                    xt = xp[mi * tm:(mi + 1) * tm, s * tkp:(s + 1) * tkp]
-                    acc = acc + jnp.dot(w, xt.T, preferred_element_type=jnp.float32)
-            out_t = out_t.at[n * tn:(n + 1) * tn, mi * tm:(mi + 1) * tm].set(acc.astype(dtype))
+            for wg in range(cfg.compute_wgs):
+                r0 = n * cta_n + wg * tn
+                acc = jnp.zeros((tn, tm), jnp.float32)
+                for s in range(spec.k // tk):
+                    c = codes[r0:r0 + tn, s * tkp:(s + 1) * tkp]
+                    am = absmax_t[s // steps_per_block, r0:r0 + tn]
+                    for w, xp in zip(decode_step(c, am, spec, dtype), parts):
+                        xt = xp[mi * tm:(mi + 1) * tm, s * tkp:(s + 1) * tkp]
+                        acc = acc + jnp.dot(w, xt.T, preferred_element_type=jnp.float32)
+                out_t = out_t.at[r0:r0 + tn, mi * tm:(mi + 1) * tm].set(acc.astype(dtype))
     return out_t.T
 
 
 def _emulate_plain(x2, q, spec, cfg, dtype):
-    parts, width, blocks, block_cols = _plain_geometry(spec, cfg)
-    tm, tn, tk = cfg.block_m, cfg.block_n, PLAIN_TK
+    parts, width, blocks, block_cols, cta_rows = _plain_geometry(spec, cfg)
+    tm, tk = cfg.block_m, PLAIN_TK
+    cta_w = cfg.compute_wgs * width
     mp = _tiles.num_tiles(x2.shape[0], tm) * tm
     x2 = jnp.pad(x2, ((0, mp - x2.shape[0]), (0, 0)))
     codes, absmax = _tiles.storage_operands(q)
     absmax_t = absmax.T
     outs = [jnp.zeros((mp, spec.n // parts), dtype) for _ in range(parts)]
     for mi in range(mp // tm):
-        for n in range(spec.n // tn):
-            accs = [jnp.zeros((tm, width), jnp.float32) for _ in range(parts)]
-            row0 = (n * tn // spec.blocksize) // blocks * blocks
-            for s in range(spec.k // tk):
-                xt = x2[mi * tm:(mi + 1) * tm, s * tk:(s + 1) * tk]
-                c = codes[s * tk:(s + 1) * tk, n * width:(n + 1) * width]
-                am = column_absmax(absmax_t[row0:row0 + blocks, s * tk:(s + 1) * tk], (tk, width), block_cols, blocks)
-                for p, w in enumerate(decode_parts(c, am, spec, dtype)):
-                    accs[p] = accs[p] + jnp.dot(xt, w, preferred_element_type=jnp.float32)
-            for p in range(parts):
-                outs[p] = outs[p].at[mi * tm:(mi + 1) * tm, n * width:(n + 1) * width].set(accs[p].astype(dtype))
+        for n in range(spec.n // (cfg.compute_wgs * cfg.block_n)):
+            cta_row0 = n * cfg.compute_wgs * cfg.block_n // spec.blocksize
+            for wg in range(cfg.compute_wgs):
+                row0 = cta_row0 + (0 if cta_rows == 1 else wg * blocks)
+                c0 = n * cta_w + wg * width
+                accs = [jnp.zeros((tm, width), jnp.float32) for _ in range(parts)]
+                for s in range(spec.k // tk):
+                    xt = x2[mi * tm:(mi + 1) * tm, s * tk:(s + 1) * tk]
+                    c = codes[s * tk:(s + 1) * tk, c0:c0 + width]
+                    rows = absmax_t[row0:row0 + blocks, s * tk:(s + 1) * tk]
+                    am = column_absmax(rows, (tk, width), block_cols, blocks)
+                    for p, w in enumerate(decode_parts(c, am, spec, dtype)):
+                        accs[p] = accs[p] + jnp.dot(xt, w, preferred_element_type=jnp.float32)
+                for p in range(parts):
+                    outs[p] = outs[p].at[mi * tm:(mi + 1) * tm, c0:c0 + width].set(accs[p].astype(dtype))
     return _interleave(outs)

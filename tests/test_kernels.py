@@ -8,6 +8,8 @@ decode functions, tiles, even/odd split and absmax rows in jnp) and its kernel b
 checks layouts, swizzles and shared memory. None of this measures or runs anything on a GPU.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,10 +107,11 @@ def test_decode_auto_split(rng):
                                                         ("nf4", 256, True)])
 @pytest.mark.parametrize("m", [70])
 @pytest.mark.parametrize("transposed", [True, False])
-def test_mosaic_schedule_emulated(rng, fmt, blocksize, double_quant, m, transposed):
+@pytest.mark.parametrize("compute_wgs", [1, 2])
+def test_mosaic_schedule_emulated(rng, fmt, blocksize, double_quant, m, transposed, compute_wgs):
     q = _q(rng, (256, 256), fmt, blocksize, double_quant, transposed, "bfloat16")
     x = _x(rng, (m, 256), "bfloat16")
-    config = qmatmul_mosaic.MosaicConfig(block_n=64 if transposed else 128, block_m=64)
+    config = qmatmul_mosaic.MosaicConfig(block_n=64 if transposed else 128, block_m=64, compute_wgs=compute_wgs)
     y = qmatmul_mosaic.emulate(x, q, config=config)
     assert_matmul_close(y, x, q, jnp.bfloat16)
 
@@ -125,6 +128,13 @@ def test_mosaic_rejects_what_it_cannot_take(rng):
         qmatmul_mosaic.check(x.shape, _q(rng, (128, 96), transposed=True), jnp.bfloat16)
     with pytest.raises(ValueError, match="block_m=48"):
         qmatmul_mosaic.MosaicConfig(block_m=48).validate()
+    with pytest.raises(ValueError, match="compute_wgs=3 must be 1 or 2"):
+        qmatmul_mosaic.MosaicConfig(compute_wgs=3).validate()
+    with pytest.raises(ValueError, match="N=384 must be a multiple of block_n=128 x compute_wgs=2"):
+        qmatmul_mosaic.check(x.shape, _q(rng, (128, 384), transposed=True), jnp.bfloat16,
+                             qmatmul_mosaic.MosaicConfig(compute_wgs=2))
+    spec = qmatmul_mosaic.check(x.shape, _q(rng, (128, 384), transposed=True), jnp.bfloat16)  # N % 256 != 0
+    assert qmatmul_mosaic.default_config(spec).compute_wgs == 1
     with pytest.raises(ValueError, match="block_k=24 must be a power of two"):
         qmatmul_triton.TritonConfig(block_k=24).validate()
     with pytest.raises(ValueError, match="at most 16 rows"):
@@ -231,10 +241,13 @@ def test_decode_lowers_for_cuda(fmt, blocksize, double_quant, transposed, m, con
     assert "__gpu$xla.gpu.triton" in text
 
 
-MOSAIC_CONFIGS = [(256, qmatmul_mosaic.MosaicConfig()),
+MOSAIC_CONFIGS = [(256, qmatmul_mosaic.MosaicConfig()),  # two compute warpgroups (the default at N % 256 == 0)
                   (2048, qmatmul_mosaic.MosaicConfig(block_n=128, block_m=256)),
                   (100, qmatmul_mosaic.MosaicConfig(block_n=128, block_m=64)),
-                  (100, qmatmul_mosaic.MosaicConfig(block_n=64, block_m=64))]  # transposed weights only
+                  (100, qmatmul_mosaic.MosaicConfig(block_n=64, block_m=64)),  # transposed weights only
+                  (256, qmatmul_mosaic.MosaicConfig(compute_wgs=1)),  # one compute warpgroup (N % 256 != 0)
+                  (2048, qmatmul_mosaic.MosaicConfig(block_n=128, block_m=256, compute_wgs=1)),
+                  (100, qmatmul_mosaic.MosaicConfig(block_n=64, block_m=64, compute_wgs=1))]
 
 
 @pytest.mark.parametrize("fmt,blocksize,double_quant", [("nf4", 64, True), ("fp4", 32, False), ("int8", 64, False),
@@ -247,8 +260,27 @@ def test_mosaic_lowers_for_cuda(fmt, blocksize, double_quant, m, config, transpo
     assert "mosaic_gpu" in text
 
 
+def test_mosaic_lowers_at_the_smem_limit():
+    """The largest shipped footprint: transposed int8 with a 128-wide K step, block_m=256, two
+    compute warpgroups: 226 KiB of the H100's 227 (the lowering raises past it)."""
+    config = qmatmul_mosaic.MosaicConfig(block_n=128, block_m=256)
+    text = _lower(lambda x, q: qmatmul_mosaic.qmatmul_mosaic(x, q, config=config), (2048, 4096), (4096, 4096),
+                  "int8", 128, False, True)
+    assert "mosaic_gpu" in text
+
+
 @pytest.mark.parametrize("transposed", [True, False])
 def test_mosaic_lowers_float16(transposed):
     text = _lower(lambda x, q: qmatmul_mosaic.qmatmul_mosaic(x, q), (256, 4096), (4096, 4096),
                   "nf4", 64, True, transposed, jnp.float16)
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_mosaic_lowers_without_deprecation(transposed):
+    """plgpu.kernel, not the deprecated pl.pallas_call path: no DeprecationWarning at lowering."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        text = _lower(lambda x, q: qmatmul_mosaic.qmatmul_mosaic(x, q), (256, 4096), (4096, 4096),
+                      "nf4", 64, False, transposed)
     assert "mosaic_gpu" in text
