@@ -71,6 +71,10 @@ from qjax.kernels._tiles import reference  # noqa: F401  (the jnp oracle, beside
 _HALF_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
 
+# Registers a compute thread keeps free for codes, decoded values, absmax and addresses.
+_DECODE_REGISTERS = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
     """Tiles of one compute warpgroup, and how many compute warpgroups share a CTA.
@@ -87,6 +91,14 @@ class MosaicConfig:
     max_concurrent_steps: int = 2
     compute_wgs: int = 2
 
+    def registers(self) -> int:
+        """Registers a thread of a compute warpgroup gets: what the producer's 40 leave, at most 255."""
+        return min(255, (512 - 40) // self.compute_wgs // 8 * 8)
+
+    def accumulator_registers(self) -> int:
+        """Registers a thread holds for its warpgroup's (block_n, block_m) float32 accumulator."""
+        return self.block_n * self.block_m // 128
+
     def validate(self) -> None:
         problems = []
         if self.block_n not in (64, 128):
@@ -97,6 +109,10 @@ class MosaicConfig:
             problems.append(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1")
         if self.compute_wgs not in (1, 2):
             problems.append(f"compute_wgs={self.compute_wgs} must be 1 or 2")
+        elif self.accumulator_registers() > self.registers() - _DECODE_REGISTERS:
+            problems.append(f"a ({self.block_n}, {self.block_m}) float32 accumulator takes "
+                            f"{self.accumulator_registers()} of a compute warpgroup's {self.registers()} registers "
+                            f"a thread, leaving under {_DECODE_REGISTERS} for the decode (it would spill)")
         if problems:
             raise ValueError(f"Invalid {self!r}: " + "; ".join(problems))
 

@@ -130,6 +130,8 @@ def test_mosaic_rejects_what_it_cannot_take(rng):
         qmatmul_mosaic.MosaicConfig(block_m=48).validate()
     with pytest.raises(ValueError, match="compute_wgs=3 must be 1 or 2"):
         qmatmul_mosaic.MosaicConfig(compute_wgs=3).validate()
+    with pytest.raises(ValueError, match=r"\(128, 256\) float32 accumulator takes 256 .* would spill"):
+        qmatmul_mosaic.MosaicConfig(block_n=128, block_m=256).validate()
     with pytest.raises(ValueError, match="N=384 must be a multiple of block_n=128 x compute_wgs=2"):
         qmatmul_mosaic.check(x.shape, _q(rng, (128, 384), transposed=True), jnp.bfloat16,
                              qmatmul_mosaic.MosaicConfig(compute_wgs=2))
@@ -242,11 +244,11 @@ def test_decode_lowers_for_cuda(fmt, blocksize, double_quant, transposed, m, con
 
 
 MOSAIC_CONFIGS = [(256, qmatmul_mosaic.MosaicConfig()),  # two compute warpgroups (the default at N % 256 == 0)
-                  (2048, qmatmul_mosaic.MosaicConfig(block_n=128, block_m=256)),
+                  (2048, qmatmul_mosaic.MosaicConfig(block_n=64, block_m=256)),
                   (100, qmatmul_mosaic.MosaicConfig(block_n=128, block_m=64)),
                   (100, qmatmul_mosaic.MosaicConfig(block_n=64, block_m=64)),  # transposed weights only
                   (256, qmatmul_mosaic.MosaicConfig(compute_wgs=1)),  # one compute warpgroup (N % 256 != 0)
-                  (2048, qmatmul_mosaic.MosaicConfig(block_n=128, block_m=256, compute_wgs=1)),
+                  (2048, qmatmul_mosaic.MosaicConfig(block_n=64, block_m=256, compute_wgs=1)),
                   (100, qmatmul_mosaic.MosaicConfig(block_n=64, block_m=64, compute_wgs=1))]
 
 
@@ -260,10 +262,10 @@ def test_mosaic_lowers_for_cuda(fmt, blocksize, double_quant, m, config, transpo
     assert "mosaic_gpu" in text
 
 
-def test_mosaic_lowers_at_the_smem_limit():
-    """The largest shipped footprint: transposed int8 with a 128-wide K step, block_m=256, two
-    compute warpgroups: 226 KiB of the H100's 227 (the lowering raises past it)."""
-    config = qmatmul_mosaic.MosaicConfig(block_n=128, block_m=256)
+def test_mosaic_lowers_largest_footprint():
+    """The largest shared-memory footprint of the shipped configs: transposed int8 with a 128-wide K
+    step, block_m=256 (three steps in flight would pass the H100's 227 KiB; the lowering raises)."""
+    config = qmatmul_mosaic.MosaicConfig(block_n=64, block_m=256)
     text = _lower(lambda x, q: qmatmul_mosaic.qmatmul_mosaic(x, q, config=config), (2048, 4096), (4096, 4096),
                   "int8", 128, False, True)
     assert "mosaic_gpu" in text
