@@ -285,3 +285,20 @@ def test_nnx_experts_merge_is_dequantized_kernel(rng):
     w_deq = _nnx_dequantized(model.experts, "tde,dhe->teh", (D, H, E))
     qn.merge(model)
     np.testing.assert_array_equal(np.asarray(model.experts.kernel.get_value()), np.asarray(w_deq))
+
+
+def test_experts_loftq_and_standalone_layers(rng):
+    x = _random_like(rng, np.zeros((E, T, D)), 1.0)
+    model, _, _ = _model("etd_bias")
+    v = model.init(jax.random.key(int(rng.integers(2**31))), x)
+    y0 = model.apply(v, x)
+    lq = qjax.LoraConfig(r=4, alpha=8, init="loftq", loftq_iter=1)
+    qm, qv = ql.convert(model, v, lq, F32, jax.random.key(1), inputs=(x,))  # LoftQ expert by expert
+    bm, bv = ql.convert(model, v, None, F32, inputs=(x,))
+    assert float(jnp.abs(qm.apply(qv, x) - y0).mean()) < float(jnp.abs(bm.apply(bv, x) - y0).mean())
+    for layer in (ql.QLoRAEinsum((E, D, H), "etd,edh->eth", lora_config=CFG, quant_config=F32),
+                  ql.QLoRADenseGeneral(H, batch_dims=(0,), lora_config=CFG, quant_config=F32)):
+        sv = layer.init(jax.random.key(0), x)
+        shapes = jax.tree_util.tree_map(lambda a: a.shape, sv, is_leaf=qjax.is_quantized)["params"]
+        assert shapes == {"kernel": (D, H), "bias": (E, H), "lora_a": (E, D, 4), "lora_b": (E, 4, H)}
+        assert sv["params"]["kernel"].stack_shape == (E,) and layer.apply(sv, x).shape == (E, T, H)

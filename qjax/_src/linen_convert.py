@@ -314,9 +314,13 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
     2-D QuantizedArray (prod(in), prod(out)) (with the stacked axes of scanned layers leading) and
     float32 `lora_a` (*in, r) / `lora_b` (r, *out). An nn.Einsum's in axes are the kernel axes it
     contracts (kernel order), its out axes those it produces (output order); it is found only by
-    tracing (inputs=).
+    tracing (inputs=). Kernel axes shared by input and output (per-expert einsums, nn.DenseGeneral's
+    batch_dims) are batch axes: the kernel is a stack over them (after any scanned axes) of
+    (prod(in), prod(out)) QuantizedArrays, lora_a (*batch, *in, r), lora_b (*batch, r, *out).
     Raises ValueError (naming paths) for an already converted model or variables, a model with no
-    Dense layers, a target pattern that matches nothing, r larger than a layer's dimensions.
+    Dense layers, a target pattern that matches nothing, r larger than a layer's dimensions, or a
+    selected einsum that is not a projection (with its equation and kernel shape; exclude it from
+    LoRA and quantization to leave it alone).
     """
     if lora_config is None and quant_config is None:
         raise ValueError("convert needs a lora_config, a quant_config, or both")

@@ -2,7 +2,7 @@
 
 Conversion does not rewrite the user's module classes. `convert` builds a subclass of the model's
 class whose public methods run the original ones inside `nn.intercept_methods`; the interceptor
-catches `nn.Dense` / `nn.DenseGeneral` calls at the converted paths and computes the QLoRA layer
+catches `nn.Dense` / `nn.DenseGeneral` / `nn.Einsum` calls at the converted paths and computes the QLoRA layer
 from the variables stored at that path (the 2-D QuantizedArray `kernel`, `bias`, `lora_a`,
 `lora_b`). Variable paths therefore stay those of the original model, for `setup` and `nn.compact`
 modules alike, and layers inside `nn.scan` / `nn.vmap` / `nn.remat` are caught as well (their

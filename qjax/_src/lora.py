@@ -10,7 +10,9 @@ QuantizedArray (prod(in_shape), prod(out_shape)): kernels of rank > 2 (attention
 (d_model, heads, head_dim)) are quantized over their flattened in/out axes, so the blocks and the
 fused matmul see an ordinary (K, N) matrix.  Stacked (scanned) layers carry `lead` extra leading
 axes on every leaf; `quantize_kernel` quantizes each layer's slice on its own so that slicing the
-stacked leaves along those axes gives each layer's QuantizedArray exactly.
+stacked leaves along those axes gives each layer's QuantizedArray exactly. Einsum kernels with batch
+axes (per-expert weights, `EinsumPlan`) are stacks of the same kind over their batch axes, with one
+adapter pair per batch index; their products are vmapped over those axes.
 """
 
 from __future__ import annotations
