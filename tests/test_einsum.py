@@ -31,10 +31,15 @@ def test_plan_axes():
         plan = L.EinsumPlan(eq)
         assert (plan.in_shape(shape), plan.out_shape(shape)) == (ins, outs), eq
         assert plan.kernel_shape(ins, outs) == shape
-    with pytest.raises(NotImplementedError, match=r"kernel axes \['e'\] are batch axes"):
-        L.EinsumPlan("ebd,edh->ebh")
+    plan = L.EinsumPlan("tde,dhe->teh")  # per-expert kernel with the batch axis last
+    assert (plan.batch_shape((4, 5, 3)), plan.in_shape((4, 5, 3)), plan.out_shape((4, 5, 3))) == ((3,), (4,), (5,))
+    assert plan.perm == (2, 0, 1) and plan.bias_dims((4, 5, 3)) == (3, 5)
+    assert plan.kernel_shape((4,), (5,), (3,)) == (4, 5, 3)
     with pytest.raises(ValueError, match="exactly two operands"):
         L.EinsumPlan("bd,dh")
+    with pytest.raises(ValueError, match=r"params/moe: einsum_str 'btd,dk->bt' with kernel shape \(8, 3\).*"
+                                         r"kernel axes \['k'\] are summed over the kernel alone"):
+        L.EinsumPlan("btd,dk->bt", "params/moe", (8, 3))
 
 
 class Attn(nn.Module):
@@ -143,21 +148,6 @@ def test_linen_scanned_einsum(rng):
     mm, mv = ql.merge(qm, qv)
     assert mv["params"]["layers"]["down"]["kernel"].shape == (3, 2, 8, 16)
     np.testing.assert_allclose(np.asarray(mm.apply(mv, x)), np.asarray(qm.apply(qv, x)), rtol=1e-5, atol=1e-5)
-
-
-def test_linen_batched_einsum_left_alone(rng):
-    class MoE(nn.Module):
-        @nn.compact
-        def __call__(self, x):  # x (experts, tokens, d)
-            return nn.Dense(16, name="out")(nn.Einsum((2, 16, 16), "etd,edh->eth", name="experts")(x))
-
-    x = jnp.asarray(rng.standard_normal((2, 3, 16)), jnp.float32)
-    v = MoE().init(jax.random.key(0), x)
-    with pytest.warns(UserWarning, match="experts.*batch axes"):
-        qm, qv = ql.convert(MoE(), v, CFG, F32, jax.random.key(1), inputs=(x,))
-    assert [s.path for s in type(qm)._qjax_spec.layers] == ["out"]
-    assert not qjax.is_quantized(qv["params"]["experts"]["kernel"])
-    qm.apply(qv, x)
 
 
 def test_qlora_einsum_standalone(rng):

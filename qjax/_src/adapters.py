@@ -1,7 +1,7 @@
 """Finding LoRA adapters in a variables tree or an NNX model, and putting them back.
 
 Adapters are the leaves named `lora_a` (*in, r) and `lora_b` (r, *out) (with the leading
-axes of stacked layers first); their module is the path above them. Works over plain nested dicts (Linen variables), `nnx.State`, and
+axes of stacked layers, then those of per-expert layers, first); their module is the path above them. Works over plain nested dicts (Linen variables), `nnx.State`, and
 NNX modules (read with `nnx.state`, written with `nnx.update`), without importing the
 Flax modules that create them.
 """
@@ -90,15 +90,17 @@ def modules(flat: dict[Path, Any]) -> dict[Path, dict[str, Any]]:
 
 
 def stacked_axes(a_shape, b_shape) -> int | None:
-    """How many leading (stacked-layer) axes lora_a (*lead, *in, r) and lora_b (*lead, r, *out) share.
+    """How many leading axes lora_a (*lead, *in, r) and lora_b (*lead, r, *out) share.
 
-    0 for a plain layer (b_shape[0] is the rank), k when the first k axes are stacked layers
-    (scanned / vmapped modules); None when the shapes do not chain.
+    0 for a plain layer (b_shape[0] is the rank), k when the first k axes are stacked: layers of
+    scanned / vmapped modules, or the batch axes of a per-expert (batched einsum) layer, which the
+    shapes cannot tell apart. None when the shapes do not chain. When several k fit (a stack of
+    as many layers or experts as the rank), the largest is taken.
     """
     a, b = tuple(a_shape), tuple(b_shape)
     if len(a) < 2 or len(b) < 2:
         return None
-    for k in range(min(len(a), len(b)) - 1):
+    for k in reversed(range(min(len(a), len(b)) - 1)):
         if a[:k] == b[:k] and b[k] == a[-1]:
             return k
     return None

@@ -14,7 +14,8 @@ from flax import linen as nn
 from flax.core import unfreeze
 
 from qjax._src import lora as L
-from qjax._src.linen_lora import LayerSpec, _call, _einsum_call, _tuple
+from qjax._src.linen_lora import (LayerSpec, _call, _dense_general_batched_call, _einsum_module_call, _tuple,
+                                  dense_general_plan, einsum_plan)
 from qjax._src.lora_config import LoraConfig
 from qjax._src.policy import QuantConfig, path_str
 from qjax._src.qarray import is_quantized
@@ -69,14 +70,19 @@ def _make_interceptor(spec: ConversionSpec, root: tuple[str, ...]):
                 raise TypeError(f"{rel!r} was converted as a Dense layer, but the module called there is an "
                                 "nn.Einsum; pass inputs= to qjax.linen.convert so it can trace the layer")
             eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-            return _einsum_call(module, args[0] if args else kwargs["inputs"], eq, lora=lora, quant=quant,
-                                backend=spec.backend)
-        if not isinstance(module, (nn.Dense, nn.DenseGeneral)) or layer.einsum is not None:
+            return _einsum_module_call(module, args[0] if args else kwargs["inputs"], eq, lora=lora, quant=quant,
+                                       backend=spec.backend)
+        if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
             raise TypeError(f"{rel!r} was converted as a linear layer, but the module called there is a "
                             f"{type(module).__name__}; exclude it (LoraConfig.exclude / QuantConfig.skip)")
-        if isinstance(module, nn.DenseGeneral) and module.batch_dims:
-            raise NotImplementedError(f"{rel!r}: nn.DenseGeneral with batch_dims is not supported")
         inputs = args[0] if args else kwargs["inputs"]
+        batched = isinstance(module, nn.DenseGeneral) and bool(module.batch_dims)
+        if batched != (layer.einsum is not None):
+            raise TypeError(f"{rel!r} was converted as " + ("a Dense layer, but it is an nn.DenseGeneral with "
+                            "batch_dims; pass inputs= to qjax.linen.convert so it can trace the layer" if batched
+                            else f"an einsum, but the module called there is a {type(module).__name__}"))
+        if batched:
+            return _dense_general_batched_call(module, inputs, lora=lora, quant=quant, backend=spec.backend)
         general = isinstance(module, nn.DenseGeneral)
         return _call(module, inputs, axis=module.axis if general else -1, features=module.features,
                      kernel_init=module.kernel_init, lora=lora, quant=quant, backend=spec.backend,
@@ -178,57 +184,62 @@ def _check_not_converted(model, params):
                              "the variables are already converted")
 
 
-def _trace_layers(model, variables, inputs, method, params) -> list[LayerSpec]:
-    """Every Dense/DenseGeneral/Einsum call of one abstract forward pass, with its exact shapes."""
+def _trace_layers(model, variables, inputs, method, params) -> tuple[list[LayerSpec], dict[str, str]]:
+    """Every Dense/DenseGeneral/Einsum call of one abstract forward pass, with its exact shapes.
+
+    Returns (layers, {path: why} of the einsums that cannot be converted).
+    """
     found: dict[str, LayerSpec] = {}
-    problems: list[str] = []
-    skipped: list[str] = []
+    unsupported: dict[str, str] = {}
+
+    def stored_lead(rel, rank):
+        stored = _get(params, rel.split("/") + ["kernel"]) if rel else params["kernel"]
+        return tuple(stored.shape[:stored.ndim - rank])
+
+    def einsum_spec(rel, plan, shape):
+        return LayerSpec(rel, plan.in_shape(shape), plan.out_shape(shape), stored_lead(rel, len(shape)),
+                         einsum=plan.einsum_str, batch=plan.batch_shape(shape))
 
     def record(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name == "__call__" and isinstance(module, nn.Einsum):
             rel = _rel_path(module, ())
-            eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-            eq = eq if eq is not None else module.einsum_str
             try:
-                plan = L.EinsumPlan(eq, f"params/{rel}")
-            except (ValueError, NotImplementedError) as e:  # e.g. a batched (per-expert) einsum: left alone
-                if rel not in skipped:
-                    skipped.append(rel)
-                    warnings.warn(f"not converted: {e}", stacklevel=5)
+                plan, shape = einsum_plan(module, args[1] if len(args) > 1 else kwargs.get("einsum_str"))
+            except ValueError as e:
+                unsupported.setdefault(rel, str(e))
                 return next_fun(*args, **kwargs)
-            shape = tuple(module.shape)
-            stored = _get(params, rel.split("/") + ["kernel"]) if rel else params["kernel"]
-            lead = tuple(stored.shape[:stored.ndim - len(shape)])
-            found.setdefault(rel, LayerSpec(rel, plan.in_shape(shape), plan.out_shape(shape), lead,
-                                            einsum=plan.einsum_str))
+            found.setdefault(rel, einsum_spec(rel, plan, shape))
         elif context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.DenseGeneral)):
             rel = _rel_path(module, ())
             x = args[0] if args else kwargs["inputs"]
+            if isinstance(module, nn.DenseGeneral) and module.batch_dims:
+                try:
+                    plan, shape = dense_general_plan(module, x.shape)
+                except ValueError as e:
+                    unsupported.setdefault(rel, str(e))
+                    return next_fun(*args, **kwargs)
+                found.setdefault(rel, einsum_spec(rel, plan, shape))
+                return next_fun(*args, **kwargs)
             if isinstance(module, nn.DenseGeneral):
-                if module.batch_dims:
-                    problems.append(f"{rel!r}: nn.DenseGeneral with batch_dims is not supported")
                 axis = tuple(a % x.ndim for a in _tuple(module.axis))
                 features = _tuple(module.features)
             else:
                 axis, features = (x.ndim - 1,), (module.features,)
             in_shape = tuple(x.shape[a] for a in axis)
-            stored = _get(params, rel.split("/") + ["kernel"]) if rel else params["kernel"]
-            lead = tuple(stored.shape[:stored.ndim - len(in_shape) - len(features)])
-            found.setdefault(rel, LayerSpec(rel, in_shape, tuple(features), lead))
+            found.setdefault(rel, LayerSpec(rel, in_shape, tuple(features),
+                                            stored_lead(rel, len(in_shape) + len(features))))
         return next_fun(*args, **kwargs)
 
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     rngs = {"dropout": jax.random.key(0), "params": jax.random.key(0)}
     with nn.intercept_methods(record):
         jax.eval_shape(lambda v: model.apply(v, *args, method=method, mutable=True, rngs=rngs), variables)
-    if problems:
-        raise NotImplementedError("; ".join(problems))
-    return list(found.values())
+    return list(found.values()), unsupported
 
 
 
-def _params_layers(params, explicit: bool) -> list[LayerSpec]:
+def _params_layers(params, explicit: bool) -> tuple[list[LayerSpec], dict[str, str]]:
     """Layers read off the params tree: every rank-2 kernel is a (in, out) Dense."""
     layers, skipped = [], []
     for path, kernel in _params_paths(params):
@@ -242,7 +253,7 @@ def _params_layers(params, explicit: bool) -> list[LayerSpec]:
         if explicit:
             raise ValueError("cannot tell the in/out axes of " + msg)
         warnings.warn("not converted: " + msg, stacklevel=3)
-    return layers
+    return layers, {}
 
 
 # ----------------------------------------------------------------------------- convert / merge
@@ -258,8 +269,8 @@ def _loftq(spec: LayerSpec, kernel, lora_config: LoraConfig, quant_config: Quant
     """(q, lora_a, lora_b) of one layer (stacked layers one by one) by LoftQ."""
     if spec.einsum is not None:
         plan = L.EinsumPlan(spec.einsum)
-        return L.loftq_kernel(kernel, len(plan.in_labels), lora_config, quant_config, lead=len(spec.lead),
-                              perm=plan.perm)
+        return L.loftq_kernel(L.permute_einsum_kernel(plan, kernel, len(spec.lead)), len(plan.in_labels),
+                              lora_config, quant_config, lead=len(spec.lead) + len(spec.batch))
     return L.loftq_kernel(kernel, len(spec.in_shape), lora_config, quant_config, lead=len(spec.lead))
 
 
@@ -268,7 +279,7 @@ def _merged(layer: LayerSpec, kernel, a, b, scaling: float, dtype):
     if layer.einsum is not None:
         plan = L.EinsumPlan(layer.einsum)
         fn = lambda k, a, b: L.einsum_merged_kernel(  # noqa: E731
-            plan, k, a, b, kernel_shape=plan.kernel_shape(layer.in_shape, layer.out_shape), scaling=scaling,
+            plan, k, a, b, kernel_shape=plan.kernel_shape(layer.in_shape, layer.out_shape, layer.batch), scaling=scaling,
             dtype=dtype)
     else:
         fn = lambda k, a, b: L.merged_kernel(k, a, b, in_shape=layer.in_shape, out_shape=layer.out_shape,  # noqa: E731
@@ -303,9 +314,13 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
     2-D QuantizedArray (prod(in), prod(out)) (with the stacked axes of scanned layers leading) and
     float32 `lora_a` (*in, r) / `lora_b` (r, *out). An nn.Einsum's in axes are the kernel axes it
     contracts (kernel order), its out axes those it produces (output order); it is found only by
-    tracing (inputs=).
+    tracing (inputs=). Kernel axes shared by input and output (per-expert einsums, nn.DenseGeneral's
+    batch_dims) are batch axes: the kernel is a stack over them (after any scanned axes) of
+    (prod(in), prod(out)) QuantizedArrays, lora_a (*batch, *in, r), lora_b (*batch, r, *out).
     Raises ValueError (naming paths) for an already converted model or variables, a model with no
-    Dense layers, a target pattern that matches nothing, r larger than a layer's dimensions.
+    Dense layers, a target pattern that matches nothing, r larger than a layer's dimensions, or a
+    selected einsum that is not a projection (with its equation and kernel shape; exclude it from
+    LoRA and quantization to leave it alone).
     """
     if lora_config is None and quant_config is None:
         raise ValueError("convert needs a lora_config, a quant_config, or both")
@@ -315,18 +330,27 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
         raise ValueError("variables has no 'params' collection to convert")
     _check_not_converted(model, params)
     explicit = lora_config is not None and lora_config.target_modules != "all-linear"
-    layers = (_trace_layers(model, variables, inputs, method, params) if inputs is not None
-              else _params_layers(params, explicit))
-    if not layers:
+    layers, unsupported = (_trace_layers(model, variables, inputs, method, params) if inputs is not None
+                           else _params_layers(params, explicit))
+    if not layers and not unsupported:
         raise ValueError(f"{type(model).__name__} has no nn.Dense / nn.DenseGeneral / nn.Einsum layer with a kernel "
                          "in its params; there is nothing to convert")
-    paths = [layer.path for layer in layers]
+    paths = [layer.path for layer in layers] + list(unsupported)
     lora_paths = set(L.select_layers(paths, lora_config)) if lora_config is not None else set()
+
+    def quant_for(path):
+        qc = quant_config.config_for(f"params/{path}/kernel") if quant_config is not None else None
+        return qc if qc is not None and int(jnp.size(_get(params, path.split("/") + ["kernel"]))) >= qc.min_size \
+            else None
+
+    for path, why in unsupported.items():
+        if path in lora_paths or quant_for(path) is not None:
+            raise ValueError(f"{why}. To leave this layer unconverted, exclude it from LoRA (LoraConfig.exclude) "
+                             "and from quantization (QuantConfig.skip)")
     specs = []
     for layer in layers:
-        qc = quant_config.config_for(f"params/{layer.path}/kernel") if quant_config is not None else None
-        quantized = qc is not None and \
-            int(jnp.size(_get(params, layer.path.split("/") + ["kernel"]))) >= qc.min_size
+        qc = quant_for(layer.path)
+        quantized = qc is not None
         if layer.path in lora_paths:
             L.check_rank(lora_config.r, layer.in_shape, layer.out_shape, f"params/{layer.path}")
         if layer.path in lora_paths or quantized:
@@ -358,7 +382,7 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
             _set(params, where + ["kernel"], q)
         if spec.lora:
             a, b = L.init_adapters(key, spec.in_shape, spec.out_shape, lora_config.r, lora_config.init,
-                                   lead=spec.lead)
+                                   lead=spec.lead + spec.batch)
             _set(params, where + ["lora_a"], a)
             _set(params, where + ["lora_b"], b)
     conv = ConversionSpec(tuple(specs), lora_config, quant_config, backend)

@@ -2,7 +2,7 @@
 
 Conversion does not rewrite the user's module classes. `convert` builds a subclass of the model's
 class whose public methods run the original ones inside `nn.intercept_methods`; the interceptor
-catches `nn.Dense` / `nn.DenseGeneral` calls at the converted paths and computes the QLoRA layer
+catches `nn.Dense` / `nn.DenseGeneral` / `nn.Einsum` calls at the converted paths and computes the QLoRA layer
 from the variables stored at that path (the 2-D QuantizedArray `kernel`, `bias`, `lora_a`,
 `lora_b`). Variable paths therefore stay those of the original model, for `setup` and `nn.compact`
 modules alike, and layers inside `nn.scan` / `nn.vmap` / `nn.remat` are caught as well (their
@@ -28,7 +28,7 @@ from qjax._src.qarray import is_quantized
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """A converted layer: module path, in/out shapes of one layer, stacked leading axes, what it gets."""
+    """A converted layer: module path, in/out shapes of one matrix, stacked leading axes, what it gets."""
 
     path: str
     in_shape: tuple[int, ...]
@@ -36,7 +36,8 @@ class LayerSpec:
     lead: tuple[int, ...] = ()
     lora: bool = True
     quantized: bool = True
-    einsum: str | None = None  # the equation of an nn.Einsum layer (None: Dense / DenseGeneral)
+    einsum: str | None = None  # the equation of an nn.Einsum / batched DenseGeneral (None: Dense / DenseGeneral)
+    batch: tuple[int, ...] = ()  # an einsum's batch axes (one matrix and adapter per index), after `lead`
     quant_config: QuantConfig | None = None  # this layer's own config (a QuantRules' choice); None: the spec's
 
 
@@ -103,41 +104,45 @@ def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraC
                          backend=backend, int8_threshold=L.llm_int8_threshold(kernel, quant))
 
 
-def _einsum_call(module: nn.Module, inputs, einsum_str, *, lora: LoraConfig | None, quant: QuantConfig | None,
-                 backend: str = "auto", deterministic: bool | None = None):
-    """The QLoRA layer on a bound Einsum-like module (`shape`, `einsum_str`, `kernel_init`, `bias_init`)."""
+def _einsum_call(module: nn.Module, inputs, plan: L.EinsumPlan, shape: tuple[int, ...], *, kernel_init, bias_init,
+                 lora: LoraConfig | None, quant: QuantConfig | None, backend: str = "auto",
+                 deterministic: bool | None = None):
+    """The QLoRA layer of an einsum projection on a bound module (`use_bias`, `dtype`, `precision`).
+
+    plan: the layer's EinsumPlan; shape: its kernel's own shape. kernel_init(rng) / bias_init(rng):
+    the dense kernel (shape) and bias (plan.bias_dims(shape)) of a fresh layer. A kernel with batch
+    axes is quantized as one (prod(in), prod(out)) matrix per batch index, with adapters
+    lora_a (*batch, *in, r) / lora_b (*batch, r, *out).
+    """
     where = "/".join(module.scope.path) or "<root>"
-    if (einsum_str is None) == (module.einsum_str is None):
-        raise ValueError(f"{where}: give einsum_str either as a field or as a call argument, exactly once")
-    plan = L.EinsumPlan(einsum_str if einsum_str is not None else module.einsum_str, where)
-    shape = tuple(module.shape)
-    if len(shape) != len(plan.rhs):
-        raise ValueError(f"{where}: kernel shape {shape} does not fit einsum_str {plan.einsum_str!r}")
-    in_shape, out_shape = plan.in_shape(shape), plan.out_shape(shape)
+    batch, in_shape, out_shape = plan.batch_shape(shape), plan.in_shape(shape), plan.out_shape(shape)
 
     def kernel_init_fn(rng):
-        w = meta.unbox(module.kernel_init(rng, shape, module.param_dtype))
+        w = kernel_init(rng)
         return L.quantize_einsum_kernel(plan, w, quant) if quant is not None else w
 
     loftq = None
     if L.wants_loftq(lora, quant) and module.is_initializing() and not module.has_variable("params", "kernel"):
         L.check_rank(lora.r, in_shape, out_shape, where)
-        w = meta.unbox(module.kernel_init(module.make_rng("params"), shape, module.param_dtype))
-        loftq = L.loftq_kernel(w, len(in_shape), lora, quant, perm=plan.perm)
+        w = L.permute_einsum_kernel(plan, kernel_init(module.make_rng("params")))
+        loftq = L.loftq_kernel(w, len(in_shape), lora, quant, lead=len(batch))
     kernel = module.param("kernel", lambda rng: loftq[0] if loftq is not None else kernel_init_fn(rng))
-    bias = module.param("bias", lambda rng: meta.unbox(module.bias_init(rng, out_shape, module.param_dtype))) \
-        if module.use_bias else None
+    bias = module.param("bias", bias_init) if module.use_bias else None
     lora_a = lora_b = None
     if lora is not None:
         L.check_rank(lora.r, in_shape, out_shape, where)
         lora_a = module.param("lora_a", lambda rng: loftq[1] if loftq is not None else
-                              L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init)[0])
+                              L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init, lead=batch)[0])
         lora_b = module.param("lora_b", lambda rng: loftq[2] if loftq is not None else
-                              L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init)[1])
-    expected = (int(np.prod(in_shape)), int(np.prod(out_shape))) if is_quantized(kernel) else shape
-    if tuple(kernel.shape) != expected:
-        raise ValueError(f"{where}: kernel has shape {tuple(kernel.shape)}, expected {expected} for "
-                         f"einsum_str {plan.einsum_str!r} and shape={shape}")
+                              L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init, lead=batch)[1])
+    if is_quantized(kernel):
+        expected, got = (batch, (int(np.prod(in_shape)), int(np.prod(out_shape)))), (kernel.stack_shape, kernel.shape)
+    else:
+        expected, got = shape, tuple(kernel.shape)
+    if tuple(got) != tuple(expected):
+        raise ValueError(f"{where}: kernel has (stack, shape) {got}, expected {expected} for einsum_str "
+                         f"{plan.einsum_str!r} and kernel shape {shape}" if is_quantized(kernel) else
+                         f"{where}: kernel has shape {got}, expected {expected} for einsum_str {plan.einsum_str!r}")
     out_dtype = module.dtype or jnp.promote_types(inputs.dtype, L.kernel_dtype(kernel))
     compute_dtype = (quant.compute_dtype if quant is not None and quant.compute_dtype is not None
                      else out_dtype) if is_quantized(kernel) else out_dtype
@@ -149,6 +154,53 @@ def _einsum_call(module: nn.Module, inputs, einsum_str, *, lora: LoraConfig | No
                          out_dtype=out_dtype, precision=module.precision,
                          dropout_rate=lora.dropout if lora is not None else 0.0, dropout_key=key, backend=backend,
                          int8_threshold=L.llm_int8_threshold(kernel, quant))
+
+
+def einsum_plan(module: nn.Module, einsum_str: str | None) -> tuple[L.EinsumPlan, tuple[int, ...]]:
+    """(plan, kernel shape) of an Einsum-like module (`shape`, `einsum_str`) called with einsum_str."""
+    where = "params/" + "/".join(module.scope.path) if module.scope is not None else type(module).__name__
+    if (einsum_str is None) == (module.einsum_str is None):
+        raise ValueError(f"{where}: give einsum_str either as a field or as a call argument, exactly once")
+    shape = tuple(module.shape)
+    return L.EinsumPlan(einsum_str if einsum_str is not None else module.einsum_str, where, shape), shape
+
+
+def _einsum_module_call(module: nn.Module, inputs, einsum_str, **kw):
+    """The QLoRA layer on a bound Einsum-like module (`shape`, `einsum_str`, `kernel_init`, `bias_init`)."""
+    plan, shape = einsum_plan(module, einsum_str)
+    return _einsum_call(
+        module, inputs, plan, shape,
+        kernel_init=lambda rng: meta.unbox(module.kernel_init(rng, shape, module.param_dtype)),
+        bias_init=lambda rng: meta.unbox(module.bias_init(rng, plan.bias_dims(shape), module.param_dtype)), **kw)
+
+
+def dense_general_plan(module: nn.Module, input_shape) -> tuple[L.EinsumPlan, tuple[int, ...]]:
+    """(plan, kernel shape (*batch, *in, *features)) of a DenseGeneral-like module with batch_dims
+    (`features`, `axis`, `batch_dims`) for inputs of input_shape."""
+    where = "params/" + "/".join(module.scope.path) if module.scope is not None else type(module).__name__
+    ndim = len(input_shape)
+    batch_dims = tuple(d % ndim for d in _tuple(module.batch_dims))
+    if sorted(batch_dims) != list(range(len(batch_dims))):
+        raise ValueError(f"{where}: batch_dims {tuple(module.batch_dims)} must be the leading input axes 0, 1, ...")
+    axis, features = tuple(a % ndim for a in _tuple(module.axis)), _tuple(module.features)
+    eq = L.dense_general_einsum(ndim, batch_dims, axis, len(features))
+    shape = tuple(input_shape[d] for d in sorted(batch_dims)) + tuple(input_shape[a] for a in axis) + features
+    return L.EinsumPlan(eq, where, shape), shape
+
+
+def _dense_general_batched_call(module: nn.Module, inputs, **kw):
+    """The QLoRA layer on a bound DenseGeneral-like module with `batch_dims` (an einsum with batch axes)."""
+    plan, shape = dense_general_plan(module, inputs.shape)
+    batch, features = plan.batch_shape(shape), plan.out_shape(shape)
+    n_b, n_in, n_out = (int(np.prod(s)) for s in (batch, plan.in_shape(shape), features))
+
+    def kernel_init(rng):  # nn.DenseGeneral initializes the flattened (prod(batch) * prod(in), prod(features))
+        return jnp.reshape(meta.unbox(module.kernel_init(rng, (n_b * n_in, n_out), module.param_dtype)), shape)
+
+    def bias_init(rng):
+        return jnp.reshape(meta.unbox(module.bias_init(rng, (n_b * n_out,), module.param_dtype)), batch + features)
+
+    return _einsum_call(module, inputs, plan, shape, kernel_init=kernel_init, bias_init=bias_init, **kw)
 
 
 class QLoRADense(nn.Module):
@@ -185,16 +237,21 @@ class QLoRADense(nn.Module):
 
 
 class QLoRADenseGeneral(nn.Module):
-    """Drop-in for `nn.DenseGeneral` (no `batch_dims`): kernel (*in_axes, *features) quantized as 2-D.
+    """Drop-in for `nn.DenseGeneral`: kernel (*in_axes, *features) quantized as 2-D.
 
     Variables: params/kernel: QuantizedArray (prod(in_axes), prod(features)) (dense
     (*in_axes, *features) with quant_config=None); params/bias (*features,);
     params/lora_a (*in_axes, r); params/lora_b (r, *features).
     Call: inputs with the `axis` axes contracted -> (..., *features).
+    With `batch_dims` (the leading input axes, each index with its own matrix, e.g. one per
+    expert): kernel (*batch, *in_axes, *features) is a stack over the batch axes of QuantizedArray
+    (prod(in_axes), prod(features)); bias (*batch, *features); lora_a (*batch, *in_axes, r);
+    lora_b (*batch, r, *features); output (*batch, *other input axes, *features) as nn.DenseGeneral.
     """
 
     features: int | Sequence[int]
     axis: int | Sequence[int] = -1
+    batch_dims: Sequence[int] = ()
     use_bias: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -208,6 +265,9 @@ class QLoRADenseGeneral(nn.Module):
 
     @nn.compact
     def __call__(self, inputs):
+        if self.batch_dims:
+            return _dense_general_batched_call(self, inputs, lora=self.lora_config, quant=self.quant_config,
+                                               backend=self.backend, deterministic=self.deterministic)
         return _call(self, inputs, axis=self.axis, features=self.features, kernel_init=self.kernel_init,
                      lora=self.lora_config, quant=self.quant_config, backend=self.backend,
                      deterministic=self.deterministic, flat_kernel_init=True)
@@ -221,7 +281,11 @@ class QLoRAEinsum(nn.Module):
     (the dense kernel of `shape` with quant_config=None); params/bias (*out_axes,) (nn.Einsum's);
     params/lora_a (*in_axes, r); params/lora_b (r, *out_axes). E.g. "btd,dnh->btnh" with shape
     (d, n, h): kernel (d, n*h), lora_a (d, r), lora_b (r, n, h).
-    Kernel axes shared by the input and the output (batched matmuls) are not supported.
+    Kernel axes shared by the input and the output (batch axes: per-expert / per-head weights of a
+    batched matmul) give one matrix per batch index: the kernel is a QuantizedArray stacked over
+    the batch axes (kernel order), the bias nn.Einsum's (batch and out axes in output order),
+    lora_a (*batch, *in_axes, r), lora_b (*batch, r, *out_axes). E.g. "etd,edh->eth" with shape
+    (e, d, h): kernel stack (e,) of (d, h), lora_a (e, d, r), lora_b (e, r, h).
     """
 
     shape: Sequence[int]
@@ -239,5 +303,5 @@ class QLoRAEinsum(nn.Module):
 
     @nn.compact
     def __call__(self, inputs, einsum_str: str | None = None):
-        return _einsum_call(self, inputs, einsum_str, lora=self.lora_config, quant=self.quant_config,
-                            backend=self.backend, deterministic=self.deterministic)
+        return _einsum_module_call(self, inputs, einsum_str, lora=self.lora_config, quant=self.quant_config,
+                                   backend=self.backend, deterministic=self.deterministic)

@@ -10,7 +10,9 @@ QuantizedArray (prod(in_shape), prod(out_shape)): kernels of rank > 2 (attention
 (d_model, heads, head_dim)) are quantized over their flattened in/out axes, so the blocks and the
 fused matmul see an ordinary (K, N) matrix.  Stacked (scanned) layers carry `lead` extra leading
 axes on every leaf; `quantize_kernel` quantizes each layer's slice on its own so that slicing the
-stacked leaves along those axes gives each layer's QuantizedArray exactly.
+stacked leaves along those axes gives each layer's QuantizedArray exactly. Einsum kernels with batch
+axes (per-expert weights, `EinsumPlan`) are stacks of the same kind over their batch axes, with one
+adapter pair per batch index; their products are vmapped over those axes.
 """
 
 from __future__ import annotations
@@ -69,28 +71,28 @@ def init_adapters(key, in_shape: Sequence[int], out_shape: Sequence[int], r: int
 def quantize_kernel(kernel, n_in: int, quant_config, lead: int = 0) -> QuantizedArray:
     """Quantizes a dense kernel (*lead, *in, *out) as a 2-D (prod(in), prod(out)) QuantizedArray.
 
-    With lead > 0 each layer's slice is quantized on its own (vmap), so every leaf gets the
-    leading axes and the static shape is that of one layer.
+    With lead > 0 each layer's (or expert's) slice is quantized on its own, one after the other
+    (`lax.map`, which gives each slice the codes and statistics of quantizing it alone bit for bit;
+    vmap's batched reductions may differ in the last bit), so every leaf gets the leading axes and
+    the static shape is that of one layer.
     """
     shape = tuple(kernel.shape)
     in_shape, out_shape = shape[lead:lead + n_in], shape[lead + n_in:]
     flat = jnp.reshape(kernel, shape[:lead] + (_prod(in_shape), _prod(out_shape)))
     if lead == 0:
         return quant_config.quantize(flat)
-    fn = quant_config.quantize
-    for _ in range(lead):
-        fn = jax.vmap(fn)
     # The NaN/Inf check of `quantize` cannot run on traced slices; do it once on the whole kernel.
     if not isinstance(kernel, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(kernel))):
         raise ValueError(f"kernel of shape={shape} holds NaN/Inf values; quantizing it would give wrong codes")
-    return fn(flat)
+    q = jax.lax.map(quant_config.quantize, jnp.reshape(flat, (-1,) + flat.shape[lead:]))
+    return jax.tree_util.tree_map(lambda a: jnp.reshape(a, shape[:lead] + a.shape[1:]), q)
 
 
-def loftq_kernel(kernel, n_in: int, lora_config, quant_config, lead: int = 0, perm=None):
+def loftq_kernel(kernel, n_in: int, lora_config, quant_config, lead: int = 0):
     """LoftQ init of one layer (or a stack of `lead`-axis layers): (q, lora_a, lora_b).
 
-    kernel: dense (*lead, *kernel_axes); `perm` (optional) orders one layer's kernel axes as
-    (*in, *out) (Einsum kernels), after which the first `n_in` axes are the in axes. Each layer's
+    kernel: dense (*lead, *in, *out) (Einsum kernels permuted first, `permute_einsum_kernel`, their
+    batch axes counted in `lead`): the first `n_in` axes after lead are the in axes. Each layer's
     kernel is flattened to (prod(in), prod(out)) and initialized by `qjax.loftq_init` (rank
     lora_config.r, lora_config.loftq_iter iterations, the scaling folded in); stacked layers are
     handled one by one with vmap. Returns q: a 2-D QuantizedArray (with the lead axes on its
@@ -99,8 +101,6 @@ def loftq_kernel(kernel, n_in: int, lora_config, quant_config, lead: int = 0, pe
     """
     from qjax._src.loftq import loftq_init
 
-    if perm is not None:
-        kernel = jnp.transpose(kernel, tuple(range(lead)) + tuple(lead + p for p in perm))
     shape = tuple(kernel.shape)
     in_shape, out_shape = shape[lead:lead + n_in], shape[lead + n_in:]
     flat = jnp.reshape(kernel, shape[:lead] + (_prod(in_shape), _prod(out_shape)))
@@ -288,51 +288,68 @@ def vmap_lead(fn, lead: int):
 
 
 class EinsumPlan:
-    """How an Einsum kernel maps onto the (*in, *out) LoRA form.
+    """How an Einsum kernel maps onto the (*batch, *in, *out) LoRA form.
 
     From an equation "lhs,rhs->res" (explicit, two operands, no ellipsis in the kernel): the
     kernel labels contracted with the input (in lhs, not in res) are the in axes, in kernel order;
-    the kernel labels that reach the output (in res, not in lhs) are the out axes, in output order
-    (the order of nn.Einsum's bias). `perm` orders the kernel's axes as (*in, *out). Kernel labels
-    shared by the input and the output (per-head or per-expert kernels) are batch axes of a
-    batched matmul, which has no single (K, N) matrix: NotImplementedError.
+    the kernel labels that reach the output (in res, not in lhs) are the out axes, in output order;
+    kernel labels shared by the input and the output (per-expert / per-head kernels of a batched
+    matmul) are the batch axes, in kernel order. Each batch index has its own (prod(in), prod(out))
+    matrix. `perm` orders the kernel's axes as (*batch, *in, *out). The bias (nn.Einsum's) has the
+    output's kernel labels in output order (`bias_labels`: batch and out axes).
+    Raises ValueError (naming `where`, the equation and `shape` when given) for an equation that is
+    not such a projection: kernel labels summed over the kernel alone, no in or no out axis,
+    repeated labels, an ellipsis in the kernel.
     """
 
-    def __init__(self, einsum_str: str, where: str = "einsum"):
+    def __init__(self, einsum_str: str, where: str = "einsum", shape=None):
         eq = einsum_str.replace(" ", "")
+        what = f"{where}: einsum_str {einsum_str!r}" + (f" with kernel shape {tuple(shape)}" if shape is not None else "")
         if "->" not in eq or eq.count(",") != 1:
-            raise ValueError(f"{where}: einsum_str {einsum_str!r} must be explicit ('->') with exactly two operands")
+            raise ValueError(f"{what} must be explicit ('->') with exactly two operands")
         ops, res = eq.split("->")
         lhs, rhs = ops.split(",")
         if "." in rhs:
-            raise NotImplementedError(f"{where}: einsum_str {einsum_str!r} has an ellipsis in the kernel operand")
+            raise ValueError(f"{what} has an ellipsis in the kernel operand; it cannot be converted")
         if len(set(rhs)) != len(rhs) or len(set(lhs.replace("...", ""))) != len(lhs.replace("...", "")):
-            raise NotImplementedError(f"{where}: einsum_str {einsum_str!r} repeats a label within an operand")
-        batch = [c for c in rhs if c in lhs and c in res]
+            raise ValueError(f"{what} repeats a label within an operand; it cannot be converted")
+        if shape is not None and len(shape) != len(rhs):
+            raise ValueError(f"{what}: the kernel shape does not fit the equation's kernel operand {rhs!r}")
         lone = [c for c in rhs if c not in lhs and c not in res]
-        if batch or lone:
-            raise NotImplementedError(
-                f"{where}: einsum_str {einsum_str!r}: kernel axes {batch + lone} are "
-                + ("batch axes shared by the input and the output (a batched matmul)" if batch else
-                   "summed over the kernel alone") + "; only kernels whose axes are contracted (in) or "
-                "produced (out) can be quantized as one (prod(in), prod(out)) matrix")
+        if lone:
+            raise ValueError(f"{what}: kernel axes {lone} are summed over the kernel alone; only kernels whose "
+                             "axes are contracted with the input (in), produced (out) or shared by both "
+                             "(batch) can be quantized as (prod(in), prod(out)) matrices")
         self.einsum_str, self.lhs, self.rhs, self.res = eq, lhs, rhs, res
-        self.in_labels = "".join(c for c in rhs if c in lhs)
-        self.out_labels = "".join(c for c in res if c in rhs)
+        self.batch_labels = "".join(c for c in rhs if c in lhs and c in res)
+        self.in_labels = "".join(c for c in rhs if c in lhs and c not in res)
+        self.out_labels = "".join(c for c in res if c in rhs and c not in lhs)
+        self.bias_labels = "".join(c for c in res if c in rhs)
         if not self.in_labels or not self.out_labels:
-            raise NotImplementedError(f"{where}: einsum_str {einsum_str!r} contracts no kernel axis or produces "
-                                      "none; it is not a linear projection")
-        self.perm = tuple(rhs.index(c) for c in self.in_labels + self.out_labels)
+            raise ValueError(f"{what} contracts no kernel axis with the input or produces none; it is not a "
+                             "linear projection and cannot be converted")
+        self.perm = tuple(rhs.index(c) for c in self.batch_labels + self.in_labels + self.out_labels)
+
+    def _sizes(self, labels: str, kernel_shape) -> tuple[int, ...]:
+        return tuple(kernel_shape[self.rhs.index(c)] for c in labels)
+
+    def batch_shape(self, kernel_shape) -> tuple[int, ...]:
+        return self._sizes(self.batch_labels, kernel_shape)
 
     def in_shape(self, kernel_shape) -> tuple[int, ...]:
-        return tuple(kernel_shape[self.rhs.index(c)] for c in self.in_labels)
+        return self._sizes(self.in_labels, kernel_shape)
 
     def out_shape(self, kernel_shape) -> tuple[int, ...]:
-        return tuple(kernel_shape[self.rhs.index(c)] for c in self.out_labels)
+        return self._sizes(self.out_labels, kernel_shape)
 
-    def kernel_shape(self, in_shape, out_shape) -> tuple[int, ...]:
-        """The kernel's own shape from its in and out axes."""
-        dims = dict(zip(self.in_labels + self.out_labels, tuple(in_shape) + tuple(out_shape)))
+    def bias_dims(self, kernel_shape) -> tuple[int, ...]:
+        """The shape of nn.Einsum's bias: the output's kernel axes (batch and out) in output order."""
+        return self._sizes(self.bias_labels, kernel_shape)
+
+    def kernel_shape(self, in_shape, out_shape, batch_shape=()) -> tuple[int, ...]:
+        """The kernel's own shape from its batch, in and out axes."""
+        dims = dict(zip(self.batch_labels + self.in_labels + self.out_labels,
+                        tuple(batch_shape) + tuple(in_shape) + tuple(out_shape)))
         return tuple(dims[c] for c in self.rhs)
 
     def inverse_perm(self) -> tuple[int, ...]:
@@ -352,25 +369,42 @@ class EinsumPlan:
         return lhs, res
 
     def to_in_last(self, x):
-        """x (lhs) -> (*kept, *in): the kept input axes in input order, the contracted ones last."""
+        """x (lhs) -> (*batch, *kept, *in): batch axes (kernel order) first, then the other kept input axes
+        in input order, the contracted ones last."""
         lhs, res = self._expanded(x.ndim)
-        kept = "".join(c for c in lhs if c in res)
-        target = kept + self.in_labels
+        kept = "".join(c for c in lhs if c in res and c not in self.batch_labels)
+        target = self.batch_labels + kept + self.in_labels
         if target == lhs:
             return x, kept
         return jnp.einsum(f"{lhs}->{target}", x), kept
 
     def to_result(self, y, kept: str, ndim: int):
-        """y (*kept, *out) -> the equation's output order."""
+        """y (*batch, *kept, *out) -> the equation's output order."""
         _, res = self._expanded(ndim)
-        src = kept + self.out_labels
+        src = self.batch_labels + kept + self.out_labels
         return y if src == res else jnp.einsum(f"{src}->{res}", y)
 
     def bias_shape(self, ndim: int, bias_shape) -> tuple[int, ...]:
-        """nn.Einsum's broadcast shape of a bias over the output."""
+        """nn.Einsum's broadcast shape of a bias (bias_labels) over the output."""
         _, res = self._expanded(ndim)
-        dims = dict(zip(self.out_labels, bias_shape))
+        dims = dict(zip(self.bias_labels, bias_shape))
         return tuple(dims.get(c, 1) for c in res)
+
+
+def dense_general_einsum(ndim: int, batch_dims: Sequence[int], axis: Sequence[int], n_features: int) -> str:
+    """The einsum equation of nn.DenseGeneral / nnx.LinearGeneral with batch axes, for an input of rank ndim.
+
+    batch_dims: the leading input axes (0, 1, ...) shared with the kernel; axis: the contracted ones.
+    Kernel (*batch, *in (axis order), *features); output (*batch, *other input axes, *features):
+    e.g. "abc,acd->abd" for batch_dims=(0,), axis=(2,), one feature axis.
+    """
+    batch_dims, axis = tuple(d % ndim for d in batch_dims), tuple(a % ndim for a in axis)
+    labels = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    lhs, feats = labels[:ndim], labels[ndim:ndim + n_features]
+    rhs = "".join(lhs[d] for d in batch_dims) + "".join(lhs[a] for a in axis) + feats
+    res = "".join(lhs[d] for d in batch_dims) + "".join(
+        c for i, c in enumerate(lhs) if i not in batch_dims and i not in axis) + feats
+    return f"{lhs},{rhs}->{res}"
 
 
 def einsum_lora(x, plan: EinsumPlan, kernel, bias, lora_a, lora_b, *, out_shape: Sequence[int], scaling: float,
@@ -378,17 +412,20 @@ def einsum_lora(x, plan: EinsumPlan, kernel, bias, lora_a, lora_b, *, out_shape:
                 backend: str = "auto", interpret: bool = False, int8_threshold: float | None = None):
     """An adapted Einsum layer: einsum(x, W) (+ bias) + scaling * dropout(x) . A . B, in the equation's layout.
 
-    kernel: a 2-D QuantizedArray (prod(in), prod(out)) of the kernel permuted to (*in, *out) (goes
-    through `qmatmul`), or the dense kernel in its own layout (computed with `jnp.einsum` as
-    nn.Einsum does). bias: (*out) in output order, or None. lora_a (*in, r), lora_b (r, *out), or
-    both None. out_shape: the out axes' sizes (in output order). Returns out_dtype.
+    kernel: a QuantizedArray (prod(in), prod(out)) of the kernel permuted to (*batch, *in, *out),
+    stacked over the batch axes (one matrix per batch index; goes through `qmatmul`, vmapped over
+    the batch axes), or the dense kernel in its own layout (computed with `jnp.einsum` as
+    nn.Einsum does). bias: (*bias_labels) in output order, or None. lora_a (*batch, *in, r),
+    lora_b (*batch, r, *out) (one adapter per batch index), or both None. out_shape: the out axes'
+    sizes (in output order). Returns out_dtype.
     """
     x2, kept = plan.to_in_last(x)
+    n_in, n_batch = len(plan.in_labels), len(plan.batch_labels)
     if is_quantized(kernel):
-        y = base_matmul(x2, kernel, n_in=len(plan.in_labels), out_shape=out_shape, compute_dtype=compute_dtype,
-                        precision=precision, backend=backend, interpret=interpret,
-                        int8_threshold=int8_threshold)
-        y = plan.to_result(y, kept, x.ndim)
+        base = lambda xb, k: base_matmul(xb, k, n_in=n_in, out_shape=out_shape,  # noqa: E731
+                                         compute_dtype=compute_dtype, precision=precision, backend=backend,
+                                         interpret=interpret, int8_threshold=int8_threshold)
+        y = plan.to_result(vmap_lead(base, n_batch)(x2, kernel), kept, x.ndim)
     else:
         y = jnp.einsum(plan.einsum_str, x.astype(compute_dtype), jnp.asarray(kernel).astype(compute_dtype),
                        precision=precision)
@@ -396,8 +433,8 @@ def einsum_lora(x, plan: EinsumPlan, kernel, bias, lora_a, lora_b, *, out_shape:
         bias = jnp.asarray(bias).astype(y.dtype)
         y = y + jnp.reshape(bias, plan.bias_shape(x.ndim, bias.shape))
     if lora_a is not None:
-        delta = lora_delta(dropout(x2, dropout_rate, dropout_key), lora_a, lora_b, n_in=len(plan.in_labels),
-                           scaling=scaling, precision=precision)
+        delta = vmap_lead(lambda xb, a, b: lora_delta(xb, a, b, n_in=n_in, scaling=scaling, precision=precision),
+                          n_batch)(dropout(x2, dropout_rate, dropout_key), lora_a, lora_b)
         delta = plan.to_result(delta, kept, x.ndim)
         dtype = jnp.promote_types(y.dtype, delta.dtype)
         y = y.astype(dtype) + delta.astype(dtype)
@@ -406,15 +443,23 @@ def einsum_lora(x, plan: EinsumPlan, kernel, bias, lora_a, lora_b, *, out_shape:
 
 def einsum_merged_kernel(plan: EinsumPlan, kernel, lora_a, lora_b, *, kernel_shape: Sequence[int],
                          scaling: float, dtype) -> jax.Array:
-    """W + scaling * A @ B as a dense kernel in the Einsum's own layout `kernel_shape`."""
+    """W + scaling * A @ B as a dense kernel in the Einsum's own layout `kernel_shape` (per batch index)."""
     in_shape, out_shape = plan.in_shape(kernel_shape), plan.out_shape(kernel_shape)
     if not is_quantized(kernel):
         kernel = jnp.transpose(jnp.asarray(kernel), plan.perm)
-    w = merged_kernel(kernel, lora_a, lora_b, in_shape=in_shape, out_shape=out_shape, scaling=scaling, dtype=dtype)
+    fn = lambda k, a, b: merged_kernel(k, a, b, in_shape=in_shape, out_shape=out_shape,  # noqa: E731
+                                       scaling=scaling, dtype=dtype)
+    w = vmap_lead(fn, len(plan.batch_labels))(kernel, lora_a, lora_b)
     return jnp.transpose(w, plan.inverse_perm())
 
 
+def permute_einsum_kernel(plan: EinsumPlan, kernel, lead: int = 0):
+    """A dense Einsum kernel (*lead, *kernel_shape) permuted to (*lead, *batch, *in, *out)."""
+    return jnp.transpose(kernel, tuple(range(lead)) + tuple(lead + p for p in plan.perm))
+
+
 def quantize_einsum_kernel(plan: EinsumPlan, kernel, quant_config, lead: int = 0) -> QuantizedArray:
-    """An Einsum kernel (*lead, *kernel_shape) permuted to (*in, *out) and quantized as 2-D."""
-    perm = tuple(range(lead)) + tuple(lead + p for p in plan.perm)
-    return quantize_kernel(jnp.transpose(kernel, perm), len(plan.in_labels), quant_config, lead=lead)
+    """An Einsum kernel (*lead, *kernel_shape) permuted to (*lead, *batch, *in, *out) and quantized as 2-D
+    matrices (prod(in), prod(out)), one per lead and batch index (their axes lead every leaf)."""
+    return quantize_kernel(permute_einsum_kernel(plan, kernel, lead), len(plan.in_labels), quant_config,
+                           lead=lead + len(plan.batch_labels))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ from flax import nnx
 
 from qjax._src import lora as L
 from qjax._src.lora_config import LoraConfig
-from qjax._src.nnx_lora import BaseParam, QLoRAEinsum, QLoRALinear, QLoRALinearGeneral, _QLoRABase
+from qjax._src.nnx_lora import BaseParam, QLoRAEinsum, QLoRALinear, QLoRALinearGeneral, _QLoRABase, einsum_plan
 from qjax._src.policy import QuantConfig
 
 _LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
@@ -52,7 +51,7 @@ def _check_not_converted(model) -> None:
 def _in_out(m) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if isinstance(m, nnx.Einsum):
         plan = L.EinsumPlan(m.einsum_str)
-        return plan.in_shape(m.kernel_shape), plan.out_shape(m.kernel_shape)
+        return plan.in_shape(m.kernel_shape), plan.out_shape(m.kernel_shape)  # of one batch index's matrix
     if isinstance(m, nnx.LinearGeneral):
         return tuple(m.in_features), tuple(m.out_features)
     return (m.in_features,), (m.out_features,)
@@ -67,8 +66,9 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
     """Replaces the matching nnx.Linear / nnx.LinearGeneral / nnx.Einsum submodules of `model` in place.
 
     Returns the model. An nnx.Einsum's in axes are the kernel axes its equation contracts (kernel
-    order), its out axes those it produces (output order); einsums with kernel axes shared by input
-    and output (batched matmuls) are left alone with a warning.
+    order), its out axes those it produces (output order); kernel axes shared by input and output
+    (per-expert / per-head batched matmuls, and nnx.LinearGeneral's batch_axis) are batch axes:
+    one quantized (prod(in), prod(out)) matrix and one adapter pair per batch index.
 
     A layer at path "a/b/q_proj" gets adapters when `lora_config` selects it ("all-linear": every
     layer but an output head; otherwise target_modules patterns matched in full or against the
@@ -81,31 +81,39 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
     `qjax.loftq_init` (scaling folded in, kernels of rank > 2 flattened to (prod(in), prod(out)),
     stacked layers one by one), so the converted model approximates the original one.
     Raises ValueError naming the path for an already converted model, a model without Linear
-    layers, a target pattern matching nothing, or r larger than a layer's dimensions.
+    layers, a target pattern matching nothing, r larger than a layer's dimensions, or a selected
+    einsum that is not a projection (exclude it from LoRA and quantization to leave it alone).
     """
     if lora_config is None and quant_config is None:
         raise ValueError("convert needs a lora_config, a quant_config, or both")
     _check_not_converted(model)
-    found = []
+    found, unsupported = [], {}
     for parts, m in _find(model, _LINEAR_TYPES):
         if isinstance(m, nnx.Einsum):
             try:
-                if m.einsum_str is None:
-                    raise NotImplementedError(f"{_path(parts)}: nnx.Einsum without an einsum_str at construction")
-                L.EinsumPlan(m.einsum_str, _path(parts))
-            except (ValueError, NotImplementedError) as e:  # e.g. a batched (per-expert) einsum: left alone
-                warnings.warn(f"not converted: {e}", stacklevel=2)
+                einsum_plan(m, _path(parts))
+            except ValueError as e:
+                unsupported[_path(parts)] = (m, str(e))
                 continue
         found.append((parts, m))
-    if not found:
+    if not found and not unsupported:
         raise ValueError(f"{type(model).__name__} has no nnx.Linear / nnx.LinearGeneral / nnx.Einsum layer; "
                          "there is nothing to convert")
     paths = [_path(p) for p, _ in found]
-    lora_paths = set(L.select_layers(paths, lora_config)) if lora_config is not None else set()
+    lora_paths = set(L.select_layers(paths + list(unsupported), lora_config)) if lora_config is not None else set()
+
+    def quant_for(path, m):
+        qc = quant_config.config_for(f"{path}/kernel") if quant_config is not None else None
+        return qc if qc is not None and _kernel_size(m) >= qc.min_size else None
+
+    for path, (m, why) in unsupported.items():
+        if path in lora_paths or quant_for(path, m) is not None:
+            raise ValueError(f"{why}. To leave this layer unconverted, exclude it from LoRA (LoraConfig.exclude) "
+                             "and from quantization (QuantConfig.skip)")
     plan = []
     for (parts, m), path in zip(found, paths):
-        qc = quant_config.config_for(f"{path}/kernel") if quant_config is not None else None
-        quantized = qc is not None and _kernel_size(m) >= qc.min_size
+        qc = quant_for(path, m)
+        quantized = qc is not None
         if path in lora_paths or quantized:
             inp, out = _in_out(m)
             if path in lora_paths:
@@ -151,7 +159,8 @@ def merge(model, dtype=None, *, requantize: QuantConfig | None = None):
             if bias is not None:
                 bias = jnp.reshape(bias, m.lead + tuple(m.bias_shape))
         elif general:
-            new = nnx.LinearGeneral(m.in_features, m.out_features, axis=m.axis, use_bias=bias is not None,
+            new = nnx.LinearGeneral(m.in_features, m.out_features, axis=m.axis, batch_axis=m.batch_axis,
+                                    use_bias=bias is not None,
                                     dtype=m.dtype, param_dtype=w.dtype, precision=m.precision,
                                     kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
         else:

@@ -30,8 +30,12 @@ class _QLoRABase(nnx.Module):
     """Shared state and call of the NNX QLoRA layers (kernel, bias, lora_a, lora_b, dropout)."""
 
     def _setup(self, kernel, bias, *, in_shape, out_shape, lead, dtype, param_dtype, precision,
-               lora_config, quant_config, backend, rngs, where):
+               lora_config, quant_config, backend, rngs, where, batch=()):
+        """kernel: dense (*lead, *batch, *in, *out) (quantized here as one 2-D matrix per lead and batch
+        index) or already quantized; batch: an einsum's batch axes (one matrix and adapter per index)."""
         self.in_shape, self.out_shape, self.lead = tuple(in_shape), tuple(out_shape), tuple(lead)
+        self.batch = tuple(batch)
+        stack = self.lead + self.batch
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
         self.lora_config, self.quant_config, self.backend = lora_config, quant_config, backend
         self.use_bias = bias is not None
@@ -39,13 +43,12 @@ class _QLoRABase(nnx.Module):
         if lora_config is not None:
             L.check_rank(lora_config.r, in_shape, out_shape, where)
         if quant_config is not None and not is_quantized(kernel):
-            # kernel: dense (*lead, *in, *out) (Einsum kernels already permuted to that order).
             try:
                 if L.wants_loftq(lora_config, quant_config):
                     kernel, *loftq = L.loftq_kernel(kernel, len(in_shape), lora_config, quant_config,
-                                                    lead=len(lead))
+                                                    lead=len(stack))
                 else:
-                    kernel = L.quantize_kernel(kernel, len(in_shape), quant_config, lead=len(lead))
+                    kernel = L.quantize_kernel(kernel, len(in_shape), quant_config, lead=len(stack))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{where}/kernel: {e}") from None
         self.kernel = BaseParam(kernel)
@@ -55,7 +58,7 @@ class _QLoRABase(nnx.Module):
                 a, b = loftq
             else:
                 a, b = L.init_adapters(rngs.params(), in_shape, out_shape, lora_config.r, lora_config.init,
-                                       lead=lead)
+                                       lead=stack)
             self.lora_a, self.lora_b = LoRAParam(a), LoRAParam(b)
         else:
             self.lora_a = self.lora_b = nnx.data(None)
@@ -88,8 +91,25 @@ class _QLoRABase(nnx.Module):
         dtype = jnp.promote_types(base.dtype, delta.dtype)
         return (base.astype(dtype) + delta.astype(dtype)).astype(out_dtype)
 
+    def _einsum_apply(self, x, plan: L.EinsumPlan):
+        """The layer as the einsum `plan` (kernel (*batch, *in, *out) quantized, or dense in plan.rhs order)."""
+        kernel, bias, out_dtype, compute = self._operands(x)
+        base = L.einsum_lora(x, plan, kernel, bias, None, None, out_shape=self.out_shape, scaling=0.0,
+                             compute_dtype=compute, out_dtype=compute, precision=self.precision,
+                             backend=self.backend, int8_threshold=L.llm_int8_threshold(kernel, self.quant_config))
+        if self.lora_a is None:
+            return base.astype(out_dtype)
+        x2, kept = plan.to_in_last(x)
+        xd = self.lora_dropout(x2) if self.lora_dropout is not None else x2
+        delta = L.vmap_lead(lambda xb, a, b: L.lora_delta(xb, a, b, n_in=len(self.in_shape),
+                                                          scaling=self.lora_config.scaling, precision=self.precision),
+                            len(plan.batch_labels))(xd, self.lora_a.get_value(), self.lora_b.get_value())
+        delta = plan.to_result(delta, kept, x.ndim)
+        dtype = jnp.promote_types(base.dtype, delta.dtype)
+        return (base.astype(dtype) + delta.astype(dtype)).astype(out_dtype)
+
     def merged_kernel(self, dtype=None) -> jax.Array:
-        """W + scaling * A @ B as a dense (*lead, *in, *out) array (default: the kernel's original dtype)."""
+        """W + scaling * A @ B as a dense (*lead, *batch, *in, *out) array (default: the kernel's original dtype)."""
         kernel = self.kernel.get_value()
         a = self.lora_a.get_value() if self.lora_a is not None else None
         b = self.lora_b.get_value() if self.lora_b is not None else None
@@ -97,7 +117,7 @@ class _QLoRABase(nnx.Module):
         dtype = dtype or L.kernel_dtype(kernel)
         fn = lambda k, a, b: L.merged_kernel(k, a, b, in_shape=self.in_shape, out_shape=self.out_shape,
                                              scaling=scaling, dtype=dtype)
-        return L.vmap_lead(fn, len(self.lead))(kernel, a, b)
+        return L.vmap_lead(fn, len(self.lead) + len(self.batch))(kernel, a, b)
 
 
 class QLoRALinear(_QLoRABase):
@@ -138,15 +158,20 @@ class QLoRALinear(_QLoRABase):
 
 
 class QLoRALinearGeneral(_QLoRABase):
-    """Drop-in for `nnx.LinearGeneral` (contracting the trailing `len(in_features)` axes, no batch_axis).
+    """Drop-in for `nnx.LinearGeneral` (contracting the trailing `len(in_features)` axes).
 
     Attributes: kernel: BaseParam(QuantizedArray (prod(in), prod(out))); bias: Param (*out,);
     lora_a: LoRAParam (*in_features, r); lora_b: LoRAParam (r, *out_features).
     Call: x (..., *in_features) -> (..., *out_features).
+    With `batch_axis` ({leading input axis: size}, each index with its own matrix, e.g. one per
+    expert): kernel a stack over the batch axes of QuantizedArray (prod(in), prod(out)); bias
+    Param (*batch, *out); lora_a (*batch, *in_features, r); lora_b (*batch, r, *out_features);
+    x (*batch, ..., *in_features) -> (*batch, ..., *out_features).
     """
 
     def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int], *,
-                 axis: int | Sequence[int] = -1, use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
+                 axis: int | Sequence[int] = -1, batch_axis=None, use_bias: bool = True, dtype=None,
+                 param_dtype=jnp.float32,
                  precision=None, kernel_init=nnx.initializers.lecun_normal(),
                  bias_init=nnx.initializers.zeros_init(), lora_config: LoraConfig | None = LoraConfig(),
                  quant_config: QuantConfig | None = QuantConfig(), backend: str = "auto", rngs: nnx.Rngs,
@@ -154,36 +179,48 @@ class QLoRALinearGeneral(_QLoRABase):
         if _module is not None:
             self._from(_module, lora_config, quant_config, rngs=rngs, backend=backend, where=_where)
             return
-        dense = nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias, dtype=dtype,
-                                  param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
+        dense = nnx.LinearGeneral(in_features, out_features, axis=axis, batch_axis=batch_axis or {}, use_bias=use_bias,
+                                  dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
                                   bias_init=bias_init, rngs=rngs)
         self._from(dense, lora_config, quant_config, rngs=rngs, backend=backend, where="QLoRALinearGeneral")
 
     @classmethod
     def from_linear_general(cls, m: nnx.LinearGeneral, lora_config, quant_config, *, rngs,
                             backend="auto", where: str = "") -> "QLoRALinearGeneral":
-        """Wraps an existing nnx.LinearGeneral (kernel (*lead, *in, *out) quantized as 2-D, bias kept)."""
+        """Wraps an existing nnx.LinearGeneral (kernel (*lead, *batch, *in, *out) quantized as 2-D matrices,
+        bias kept)."""
         return cls(m.in_features, m.out_features, axis=m.axis, lora_config=lora_config, quant_config=quant_config,
                    backend=backend, rngs=rngs, _module=m, _where=where or "QLoRALinearGeneral")
 
     def _from(self, m, lora_config, quant_config, *, rngs, backend, where):
         n = len(m.axis)
-        if m.batch_axis:
-            raise NotImplementedError(f"{where}: nnx.LinearGeneral with batch_axis is not supported")
         if tuple(m.axis) != tuple(range(-n, 0)):
-            raise NotImplementedError(f"{where}: nnx.LinearGeneral must contract the trailing axes given as "
-                                      f"negative numbers (axis={m.axis}) to be converted")
+            raise ValueError(f"{where}: nnx.LinearGeneral must contract the trailing axes given as negative "
+                             f"numbers (axis={m.axis}, batch_axis={dict(m.batch_axis)}) to be converted")
         kernel = m.kernel.get_value()
         bias = m.bias.get_value() if m.bias is not None else None
         in_shape, out_shape = tuple(m.in_features), tuple(m.out_features)
         self.in_features, self.out_features, self.axis = in_shape, out_shape, tuple(m.axis)
+        self.batch_axis = dict(m.batch_axis)
+        batch = tuple(self.batch_axis[k] for k in sorted(self.batch_axis))
         self._setup(kernel, bias, in_shape=in_shape, out_shape=out_shape,
-                    lead=kernel.shape[:kernel.ndim - n - len(out_shape)], dtype=m.dtype,
+                    lead=kernel.shape[:kernel.ndim - len(batch) - n - len(out_shape)], dtype=m.dtype,
                     param_dtype=m.param_dtype, precision=m.precision, lora_config=lora_config,
-                    quant_config=quant_config, backend=backend, rngs=rngs, where=where)
+                    quant_config=quant_config, backend=backend, rngs=rngs, where=where, batch=batch)
 
     def __call__(self, x):
-        return self._apply(x)
+        if not self.batch_axis:
+            return self._apply(x)
+        eq = L.dense_general_einsum(x.ndim, range(len(self.batch_axis)), self.axis, len(self.out_features))
+        return self._einsum_apply(x, L.EinsumPlan(eq))
+
+
+def einsum_plan(m: nnx.Einsum, where: str) -> L.EinsumPlan:
+    """The EinsumPlan of an nnx.Einsum; ValueError naming `where`, the equation and the kernel shape."""
+    if m.einsum_str is None:
+        raise ValueError(f"{where}: nnx.Einsum without an einsum_str at construction (kernel shape "
+                         f"{tuple(m.kernel_shape)}) cannot be converted")
+    return L.EinsumPlan(m.einsum_str, where, m.kernel_shape)
 
 
 class QLoRAEinsum(_QLoRABase):
@@ -193,7 +230,10 @@ class QLoRAEinsum(_QLoRABase):
     ones it produces (output order). E.g. "btd,dnh->btnh" with kernel_shape (d, n, h): kernel
     BaseParam(QuantizedArray (d, n*h)) (the dense kernel of kernel_shape with quant_config=None),
     bias Param (n, h), lora_a LoRAParam (d, r), lora_b LoRAParam (r, n, h).
-    Kernel axes shared by the input and the output (batched matmuls) are not supported.
+    Kernel axes shared by the input and the output (batch axes: per-expert / per-head weights of a
+    batched matmul) give one matrix per batch index: e.g. "etd,edh->eth" with kernel_shape
+    (e, d, h): kernel BaseParam(QuantizedArray (d, h) stacked over e), bias Param (e, h),
+    lora_a (e, d, r), lora_b (e, r, h).
     """
 
     def __init__(self, einsum_str: str, kernel_shape: Sequence[int], bias_shape: Sequence[int] | None = None, *,
@@ -205,9 +245,7 @@ class QLoRAEinsum(_QLoRABase):
             _module = nnx.Einsum(einsum_str, kernel_shape, bias_shape, dtype=dtype, param_dtype=param_dtype,
                                  precision=precision, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
         m, where = _module, _where
-        if m.einsum_str is None:
-            raise NotImplementedError(f"{where}: nnx.Einsum without an einsum_str at construction cannot be converted")
-        plan = L.EinsumPlan(m.einsum_str, where)
+        plan = einsum_plan(m, where)
         shape = tuple(m.kernel_shape)
         kernel = m.kernel.get_value()
         lead = tuple(kernel.shape[:kernel.ndim - len(shape)])
@@ -216,13 +254,14 @@ class QLoRAEinsum(_QLoRABase):
         self.einsum_str, self.kernel_shape = plan.einsum_str, shape
         self.bias_shape = tuple(m.bias_shape) if m.bias_shape is not None else None
         if bias is not None:
-            bias = jnp.reshape(bias, lead + out_shape)
+            bias = jnp.reshape(bias, lead + plan.bias_dims(shape))
         if quant_config is not None and not is_quantized(kernel):
-            # (*lead, *kernel_shape) -> (*lead, *in, *out); _setup quantizes it (or runs LoftQ) as 2-D.
-            kernel = jnp.transpose(kernel, tuple(range(len(lead))) + tuple(len(lead) + p for p in plan.perm))
+            # (*lead, *kernel_shape) -> (*lead, *batch, *in, *out); _setup quantizes it (or runs LoftQ) as 2-D.
+            kernel = L.permute_einsum_kernel(plan, kernel, len(lead))
         self._setup(kernel, bias, in_shape=in_shape, out_shape=out_shape, lead=lead, dtype=m.dtype,
                     param_dtype=m.param_dtype, precision=m.precision, lora_config=lora_config,
-                    quant_config=quant_config, backend=backend, rngs=rngs, where=where)
+                    quant_config=quant_config, backend=backend, rngs=rngs, where=where,
+                    batch=plan.batch_shape(shape))
 
     @classmethod
     def from_einsum(cls, m: nnx.Einsum, lora_config, quant_config, *, rngs, backend="auto",
@@ -234,20 +273,7 @@ class QLoRAEinsum(_QLoRABase):
     def __call__(self, x, einsum_str: str | None = None):
         if einsum_str is not None and einsum_str.replace(" ", "") != self.einsum_str:
             raise ValueError(f"QLoRAEinsum was converted for {self.einsum_str!r}; called with {einsum_str!r}")
-        plan = L.EinsumPlan(self.einsum_str)
-        kernel, bias, out_dtype, compute = self._operands(x)
-        base = L.einsum_lora(x, plan, kernel, bias, None, None, out_shape=self.out_shape, scaling=0.0,
-                             compute_dtype=compute, out_dtype=compute, precision=self.precision,
-                             backend=self.backend, int8_threshold=L.llm_int8_threshold(kernel, self.quant_config))
-        if self.lora_a is None:
-            return base.astype(out_dtype)
-        x2, kept = plan.to_in_last(x)
-        xd = self.lora_dropout(x2) if self.lora_dropout is not None else x2
-        delta = L.lora_delta(xd, self.lora_a.get_value(), self.lora_b.get_value(), n_in=len(self.in_shape),
-                             scaling=self.lora_config.scaling, precision=self.precision)
-        delta = plan.to_result(delta, kept, x.ndim)
-        dtype = jnp.promote_types(base.dtype, delta.dtype)
-        return (base.astype(dtype) + delta.astype(dtype)).astype(out_dtype)
+        return self._einsum_apply(x, L.EinsumPlan(self.einsum_str))
 
     def merged_kernel(self, dtype=None) -> jax.Array:
         """W + scaling * A @ B as a dense (*lead, *kernel_shape) array (default: the kernel's original dtype)."""

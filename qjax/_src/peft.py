@@ -5,7 +5,9 @@ qjax adapters are `lora_a` (in, r) and `lora_b` (r, out) with output `x @ A @ B 
 PEFT stores torch Linear weights `lora_A.weight` (r, in) and `lora_B.weight` (out, r) under
 "base_model.model.<module>.", so each is the transpose of the other. Module names go through
 a `NameMap` (default: Hugging Face Llama names). Stacked adapters of scanned / vmapped layers
-(`lora_a (L, *in, r)`, `lora_b (L, r, *out)`) are one PEFT module per layer.
+(`lora_a (L, *in, r)`, `lora_b (L, r, *out)`) are one PEFT module per layer. Per-expert adapters of
+batched einsums (`lora_a (E, *in, r)`, `lora_b (E, r, *out)`) are refused (ValueError naming the module
+and shapes): their leading axis looks like a layer stack, but PEFT has no Linear module for them.
 """
 
 from __future__ import annotations
@@ -74,14 +76,20 @@ def _layers(path, a_shape, b_shape, stacked_module: str, nnx: bool) -> list[tupl
         return [(path, None)]
     what = (f"module {_module_name(path)!r} has stacked adapters (lora_a shape={tuple(a_shape)}, "
             f"lora_b shape={tuple(b_shape)})")
+    experts = ("; if they are per-expert adapters (a batched einsum or DenseGeneral batch_dims: lora_a "
+               "(*experts, *in, r)), they have no PEFT Linear module and cannot be exported: exclude that "
+               "layer from LoRA (LoraConfig.exclude) to export the others")
     if lead > 1:
-        raise ValueError(f"{what} with {lead} stacked axes (nested scans); PEFT files take one stacked "
-                         "axis, unstack the outer ones first")
+        raise ValueError(f"{what} with {lead} stacked axes (nested scans, or experts); PEFT files take one "
+                         "stacked layer axis, unstack the outer ones first" + experts)
     hits = [j for j, k in enumerate(path) if str(k) == stacked_module]
     if len(hits) != 1:
         raise ValueError(f"{what} and {len(hits)} path components named stacked_module={stacked_module!r}; "
-                         "it must name the scanned / vmapped module, once in the path")
+                         "it must name the scanned / vmapped module, once in the path" + experts)
     j = hits[0]
+    if nnx and j + 1 < len(path) and str(path[j + 1]).isdigit():
+        raise ValueError(f"{what}, but its path already indexes {stacked_module!r} (one layer of a list), "
+                         "so its leading axis is not a stack of layers" + experts)
     if nnx:
         return [(path[:j + 1] + (i,) + path[j + 1:], i) for i in range(a_shape[0])]
     return [(path[:j] + (f"{stacked_module}_{i}",) + path[j + 1:], i) for i in range(a_shape[0])]
