@@ -99,6 +99,23 @@ def test_jit_vmap_tree_map_device_put(rng, fmt):
     assert isinstance(doubled, qjax.QuantizedArray) and doubled.format == fmt
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 64, 720), (8, 33, 17)])  # structured; flat with a partial block
+def test_vmap_is_bit_identical_per_layer(rng, shape):
+    """jax.vmap(quantize) (double quant: a float32 mean, a partial block's division) gives each layer
+    exactly what quantizing it alone gives, also nested over two stacked axes."""
+    x = jnp.asarray(random_weights(rng, shape, "float32"))
+    fn = lambda a: qjax.quantize(a, "nf4", blocksize=64, double_quant=True)  # noqa: E731
+    for _ in shape[:-2]:
+        fn = jax.vmap(fn)
+    stacked = fn(x)
+    lead = shape[:-2]
+    for idx in np.ndindex(*lead):
+        one = qjax.quantize(x[idx], "nf4", blocksize=64, double_quant=True)
+        for name in ("packed", "absmax", "nested_absmax", "offset"):
+            np.testing.assert_array_equal(np.asarray(getattr(stacked, name)[idx]), np.asarray(getattr(one, name)),
+                                          err_msg=f"layer {idx} {name}")
+
+
 def test_nbytes_and_bits_per_param(rng):
     x = jnp.asarray(random_weights(rng, (1024, 1024), "bfloat16"))
     q = qjax.quantize(x, "nf4", blocksize=64, double_quant=True)

@@ -72,9 +72,9 @@ def quantize_kernel(kernel, n_in: int, quant_config, lead: int = 0) -> Quantized
     """Quantizes a dense kernel (*lead, *in, *out) as a 2-D (prod(in), prod(out)) QuantizedArray.
 
     With lead > 0 each layer's (or expert's) slice is quantized on its own, one after the other
-    (`lax.map`, which gives each slice the codes and statistics of quantizing it alone bit for bit;
-    vmap's batched reductions may differ in the last bit), so every leaf gets the leading axes and
-    the static shape is that of one layer.
+    (`lax.map`: the codes and statistics of quantizing it alone, bit for bit, and the temporaries
+    of one layer at a time), so every leaf gets the leading axes and the static shape is that of
+    one layer.
     """
     shape = tuple(kernel.shape)
     in_shape, out_shape = shape[lead:lead + n_in], shape[lead + n_in:]

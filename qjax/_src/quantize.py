@@ -148,9 +148,22 @@ def true_divide(a, b):
     """a / b with one IEEE rounding, b broadcast to a's shape.
 
     XLA rewrites a division by a constant or a broadcast scalar into a multiplication by its
-    reciprocal, which rounds twice; the barrier hides the broadcast from that rewrite.
+    reciprocal, which rounds twice; a barrier around the full-shape divisor hides the broadcast.
     """
-    return a / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
+    return _divide_behind_barrier(a, jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
+
+
+@jax.custom_batching.custom_vmap
+def _divide_behind_barrier(a, b):
+    return a / jax.lax.optimization_barrier(b)
+
+
+@_divide_behind_barrier.def_vmap
+def _divide_behind_barrier_vmap(axis_size, in_batched, a, b):
+    # vmap's default rule would leave an unbatched divisor unbatched inside the barrier and
+    # broadcast it after, which XLA rewrites into a reciprocal multiply: batch both first
+    a, b = (x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape) for x, batched in zip((a, b), in_batched))
+    return _divide_behind_barrier(a, b), True
 
 
 def round_product(x):
