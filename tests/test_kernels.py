@@ -200,6 +200,23 @@ def test_precision_reaches_the_kernel_dot(rng, m):
     assert_matmul_close(highest(x), x, q, jnp.float32)
 
 
+@pytest.mark.parametrize("m", [5, 40])  # the decode kernel, the Triton GEMM
+def test_qmatmul_pallas_vmap_over_stacked_weights(rng, m):
+    """Per-expert layers vmap qmatmul over a stack of weights: forward and gradient."""
+    w = jnp.asarray(random_weights(rng, (3, 64, 128), "float32"))
+    q = jax.lax.map(lambda a: qjax.quantize(a, "nf4", double_quant=True), w)
+    x = _x(rng, (3, m, 64))
+    f = jax.vmap(lambda x, q: qjax.qmatmul(x, q, backend="pallas", interpret=True))
+    dense = qjax.dequantize(q)
+    ref = lambda x: jnp.einsum("emk,ekn->emn", x, dense, precision="highest")  # noqa: E731
+    y = f(x, q)
+    for e in range(3):
+        assert_matmul_close(y[e], x[e], jax.tree.map(lambda a: a[e], q), jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(f(x, q))))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(ref(x))))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(g_ref).max()))
+
+
 # ----------------------------------------------------------------------------- CUDA lowering
 
 
@@ -276,6 +293,17 @@ def test_mosaic_lowers_float16(transposed):
     text = _lower(lambda x, q: qmatmul_mosaic.qmatmul_mosaic(x, q), (256, 4096), (4096, 4096),
                   "nf4", 64, True, transposed, jnp.float16)
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("kernel,m", [(qmatmul_decode.qmatmul_decode, 8), (qmatmul_triton.qmatmul_triton, 256),
+                                      (qmatmul_mosaic.qmatmul_mosaic, 256)])
+def test_kernels_lower_under_vmap_over_experts(kernel, m):
+    """A per-expert layer's vmap adds a grid axis to every kernel; each still lowers for CUDA."""
+    q = jax.eval_shape(lambda w: jax.lax.map(lambda a: qjax.quantize(a, "nf4", double_quant=True, transposed=True), w),
+                       jax.ShapeDtypeStruct((4, 1024, 1024), jnp.bfloat16))
+    x = jax.ShapeDtypeStruct((4, m, 1024), jnp.bfloat16)
+    text = jax.export.export(jax.jit(jax.vmap(kernel)), platforms=["cuda"], disabled_checks=_DISABLED)(x, q).mlir_module()
+    assert "mosaic_gpu" in text or "__gpu$xla.gpu.triton" in text
 
 
 @pytest.mark.parametrize("transposed", [True, False])
