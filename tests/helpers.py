@@ -17,6 +17,31 @@ def random_weights(rng, shape, dtype="float32", dist="normal"):
     return np.array(jax.numpy.asarray(x, DTYPES[dtype]))
 
 
+def linen_train(loss_fn, params, steps, tx=None):
+    """`steps` jitted adapters-only steps of loss_fn(params) (Linen params holding QuantizedArrays).
+
+    tx: optax transformation (default adam(1e-2)), wrapped in `qjax.optim.adapters_only`.
+    Returns (trained params, per-step losses).
+    """
+    import optax
+
+    from qjax.optim import adapters_only
+
+    tx = adapters_only(tx if tx is not None else optax.adam(1e-2))
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, g = jax.value_and_grad(loss_fn, allow_int=True)(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state, losses = tx.init(params), []
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    return params, losses
+
+
 def nnx_train_mse(model, x, y, steps, tx=None):
     """Trains an NNX model's LoRAParam adapters on mean((model(x) - y)^2) under nnx.jit.
 

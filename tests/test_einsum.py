@@ -3,17 +3,15 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
 
 import qjax
-from helpers import nnx_train_mse
+from helpers import linen_train, nnx_train_mse
 import qjax.linen as ql
 import qjax.nnx as qn
 from qjax._src import lora as L
-from qjax.optim import adapters_only
 
 F32 = qjax.QuantConfig(compute_dtype=jnp.float32)
 CFG = qjax.LoraConfig(r=4, alpha=8)
@@ -86,20 +84,7 @@ def test_linen_training_lowers_loss_merge_requantize(rng):
     target = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
     model = Attn()
     qm, qv = ql.convert(model, model.init(jax.random.key(0), x), CFG, F32, jax.random.key(1), inputs=(x,))
-    tx = adapters_only(optax.adam(1e-2))
-
-    @jax.jit
-    def step(params, opt_state):
-        loss, g = jax.value_and_grad(lambda p: jnp.mean((qm.apply({"params": p}, x) - target) ** 2),
-                                     allow_int=True)(params)
-        updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    params, opt_state = qv["params"], tx.init(qv["params"])
-    losses = []
-    for _ in range(10):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
+    params, losses = linen_train(lambda p: jnp.mean((qm.apply({"params": p}, x) - target) ** 2), qv["params"], 10)
     assert losses[-1] < 0.8 * losses[0]
     for name in ("q_proj", "o_proj"):
         for a, b in zip(jax.tree_util.tree_leaves(params[name]["kernel"]),

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
@@ -11,9 +10,8 @@ from flax import nnx
 import qjax
 import qjax.linen as ql
 import qjax.nnx as qn
-from helpers import nnx_train_mse
+from helpers import linen_train, nnx_train_mse
 from qjax._src import lora as L
-from qjax.optim import adapters_only
 
 F32 = qjax.QuantConfig(compute_dtype=jnp.float32)
 CFG = qjax.LoraConfig(r=4, alpha=8)
@@ -139,19 +137,7 @@ def test_linen_experts_training(name):
     gx = jax.grad(lambda x: jnp.sum(jnp.sin(qm.apply(qv, x))))(x)
     np.testing.assert_allclose(np.asarray(gx), np.asarray(jax.grad(lambda x: jnp.sum(jnp.sin(mm.apply(mv, x))))(x)),
                                rtol=1e-4, atol=1e-5)
-    tx = adapters_only(optax.adam(1e-2))
-
-    @jax.jit
-    def step(params, opt_state):
-        loss, g = jax.value_and_grad(loss_fn, allow_int=True)(params)
-        updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    params, opt_state = qv["params"], tx.init(qv["params"])
-    losses = []
-    for _ in range(10):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
+    params, losses = linen_train(loss_fn, qv["params"], 10)
     assert losses[-1] < 0.8 * losses[0]
     before, after = qv["params"]["experts"], params["experts"]
     for key in ("kernel", "bias"):
