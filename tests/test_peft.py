@@ -329,3 +329,27 @@ def test_stacked_errors_name_path_and_shapes(rng, tmp_path):
         qjax.interop.load_peft_adapter(tmp_path, stacked(2, r=8))
     with pytest.raises(ValueError, match="0 path components named stacked_module='blocks'"):
         qjax.interop.load_peft_adapter(tmp_path, stacked(2), stacked_module="blocks")
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_stacked_merged_export_is_per_layer(rng, kind):
+    """merged_state_dict splits a scanned / vmapped stack into one torch module per layer: each
+    weight is that layer's dequantized kernel + scaling * A_i @ B_i, named model.layers.{i}...."""
+    cfg = qjax.LoraConfig(r=4, alpha=8)
+    tree, _ = _stacked_model(kind, rng, 16, 3, cfg, seed=5)
+    tree = _randomized(rng, tree)
+    sd = qjax.interop.merged_state_dict(tree, cfg, dtype=jnp.float32)
+    flat = ad.flat_adapters(tree)
+    kernels = {ad.key_path(p)[-2]: x for p, x in jax.tree_util.tree_flatten_with_path(
+        ad.as_tree(nnx.state(tree)) if kind == "nnx" else tree, is_leaf=qjax.is_quantized)[0]
+        if ad.key_path(p)[-1] == "kernel"}
+    for i in range(3):
+        for name in PROJ:
+            key = f"model.layers.{i}.self_attn.{name}.weight"
+            path = next(p for p in flat if p[-2] == name and p[-1] == "lora_a")
+            a, b = np.asarray(flat[path])[i], np.asarray(flat[path[:-1] + ("lora_b",)])[i]
+            w = np.asarray(qjax.dequantize(kernels[name], jnp.float32))[i] + cfg.scaling * (a @ b)
+            np.testing.assert_allclose(sd[key], w.T, rtol=1e-6, atol=1e-7)
+    assert not any(".layers.self_attn" in k for k in sd)
+    with pytest.raises(ValueError, match="stacked adapters"):
+        qjax.interop.merged_state_dict(tree, cfg, stacked_module=None)

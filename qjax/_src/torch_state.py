@@ -106,7 +106,11 @@ def from_torch_state_dict(state_dict, *, name_map: NameMap = LLAMA) -> dict:
 
 
 def _leaves(variables):
-    tree = ad.as_tree(variables) if ad.is_nnx_module(variables) else variables
+    """(module path, leaf name, leaf) of every leaf: Linen variables, an `nnx.State` or a whole NNX module."""
+    if ad.is_nnx_module(variables):
+        from flax import nnx
+        variables = nnx.state(variables)  # all of it (ad.as_tree of a module reads the adapters only)
+    tree = ad.as_tree(variables)
     for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]:
         path = ad.key_path(p)
         yield "/".join(map(str, path[:-1])), str(path[-1]), x
@@ -158,8 +162,28 @@ def bnb_model_state_dict(variables, *, name_map: NameMap = LLAMA, requantize: bo
     return out
 
 
-def merged_state_dict(variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16,
-                      name_map: NameMap = LLAMA) -> dict[str, np.ndarray]:
+def _unstacked(entries, stacked_module: str | None, nnx: bool):
+    """(module, leaf, x) entries with the leaves of a scanned / vmapped module split per layer.
+
+    A leaf whose module path holds the component `stacked_module` once (not followed by a list
+    index, as NNX's `layers/0`) carries a leading layer axis: layer i becomes module
+    `{stacked_module}_{i}` (Linen) or `{stacked_module}/{i}` (NNX), as in unscanned models.
+    """
+    for module, leaf, x in entries:
+        parts = module.split("/")
+        hits = [j for j, k in enumerate(parts) if k == stacked_module]
+        if stacked_module is None or len(hits) != 1 or (hits[0] + 1 < len(parts) and parts[hits[0] + 1].isdigit()):
+            yield module, leaf, x
+            continue
+        j = hits[0]
+        size = x.stack_shape[0] if is_quantized(x) else np.shape(x)[0]
+        for i in range(size):
+            name = [f"{stacked_module}/{i}"] if nnx else [f"{stacked_module}_{i}"]
+            yield "/".join(parts[:j] + name + parts[j + 1:]), leaf, jax.tree_util.tree_map(lambda a: a[i], x)
+
+
+def merged_state_dict(variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16, name_map: NameMap = LLAMA,
+                      stacked_module: str | None = "layers") -> dict[str, np.ndarray]:
     """The merged dense model (PEFT's `merge_and_unload`) as a torch state dict.
 
     Each kernel with adapters becomes `dequantize(kernel, float32) + scaling * A @ B` (in
@@ -167,22 +191,32 @@ def merged_state_dict(variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16,
     adapters of rank > 2 (`lora_a (*in, r)`, `lora_b (r, *out)`) give the flattened
     (prod(out), prod(in)) weight. Other QuantizedArrays are dequantized; everything else is cast to
     `dtype` when it is a float.
+    stacked_module: the scanned / vmapped module (a path component, as in `save_peft_adapter`);
+      every leaf under it is split into one module per layer (`layers_0`, ... as an unscanned model
+      names them). None: no splitting.
+    Raises ValueError for adapters without a kernel (or half a pair), and for kernels that are not
+    one torch Linear (per-expert stacks, nested scans), naming the module and shapes.
     """
     dtype = np.dtype(dtype)
-    tree = ad.as_tree(variables) if ad.is_nnx_module(variables) else variables
-    flat = {}
-    try:
-        flat = ad.flat_adapters(tree)
-    except ValueError:
-        pass
-    groups = ad.modules(flat) if flat else {}
-    by_module = {"/".join(map(str, p)): pair for p, pair in groups.items()}
+    entries = list(_unstacked(_leaves(variables), stacked_module, ad.is_nnx(variables)))
+    by_module: dict[str, dict] = {}
+    for module, leaf, x in entries:
+        if leaf in ad.ADAPTER_NAMES:
+            by_module.setdefault(module, {})[leaf] = x
+    half = sorted(m for m, pair in by_module.items() if len(pair) != 2)
+    if half:
+        raise ValueError(f"modules with only one of lora_a / lora_b: {half}")
     out: dict[str, np.ndarray] = {}
-    for module, leaf, x in _leaves(tree):
+    for module, leaf, x in entries:
         if leaf in ad.ADAPTER_NAMES:
             continue
         pair = by_module.pop(module, None) if leaf == "kernel" else None
         if pair is not None:
+            shapes = np.shape(pair["lora_a"]), np.shape(pair["lora_b"])
+            if ad.stacked_axes(*shapes) != 0:
+                raise ValueError(f"{module}: stacked adapters (lora_a shape={shapes[0]}, lora_b shape={shapes[1]}) "
+                                 "are not one torch Linear (per-expert layers, or a scan not named "
+                                 f"stacked_module={stacked_module!r})")
             # qjax.linen.merge / qjax.nnx.merge's math; a kernel of rank > 2 (DenseGeneral / Einsum) is
             # flattened to (prod(in), prod(out)), the layout of the torch Linear it stands for.
             in_shape, out_shape = np.shape(pair["lora_a"])[:-1], np.shape(pair["lora_b"])[1:]
@@ -202,7 +236,7 @@ def merged_state_dict(variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16,
 
 
 def save_merged(directory, variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16, name_map: NameMap = LLAMA,
-                hf_config: dict | None = None) -> str:
+                hf_config: dict | None = None, stacked_module: str | None = "layers") -> str:
     """Writes `merged_state_dict(...)` to directory/model.safetensors (+ config.json from hf_config).
 
     With hf_config (e.g. `transformers.LlamaConfig(...).to_dict()`), the directory loads with
@@ -211,8 +245,8 @@ def save_merged(directory, variables, lora_config: LoraConfig, *, dtype=jnp.bflo
     import json
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(os.fspath(directory), "model.safetensors")
-    save_safetensors(path, merged_state_dict(variables, lora_config, dtype=dtype, name_map=name_map),
-                     metadata={"format": "pt"})
+    save_safetensors(path, merged_state_dict(variables, lora_config, dtype=dtype, name_map=name_map,
+                                             stacked_module=stacked_module), metadata={"format": "pt"})
     if hf_config is not None:
         cfg = dict(hf_config)
         cfg["torch_dtype"] = cfg["dtype"] = np.dtype(dtype).name
