@@ -37,6 +37,31 @@ def is_nnx(variables_or_model) -> bool:
     return is_nnx_module(variables_or_model) or hasattr(variables_or_model, "to_pure_dict")
 
 
+def stack_component(path, stacked_module: str, nnx: bool) -> tuple[int | None, str]:
+    """Where the scanned / vmapped module `stacked_module` sits in a module path.
+
+    Returns (index of its component, "") or (None, why not, a clause to append to a sentence
+    about the module): the name is absent or repeated, or (NNX) a list index follows it
+    (`layers/0`: one layer of a list, not a stack).
+    """
+    hits = [j for j, k in enumerate(path) if str(k) == stacked_module]
+    if len(hits) != 1:
+        return None, (f" and {len(hits)} path components named stacked_module={stacked_module!r}; it must name "
+                      "the scanned / vmapped module, once in the path")
+    j = hits[0]
+    if nnx and j + 1 < len(path) and str(path[j + 1]).isdigit():
+        return None, (f", but its path already indexes {stacked_module!r} (one layer of a list), so its leading "
+                      "axis is not a stack of layers")
+    return j, ""
+
+
+def layer_path(path, j: int, i: int, stacked_module: str, nnx: bool) -> tuple:
+    """Layer i's module path: component j (the stack) becomes `{stacked_module}_{i}` (Linen, as
+    unscanned Linen models name layers) or `{stacked_module}/{i}` (NNX)."""
+    path = tuple(path)
+    return path[:j + 1] + (i,) + path[j + 1:] if nnx else path[:j] + (f"{stacked_module}_{i}",) + path[j + 1:]
+
+
 def _is_adapter_path(path) -> bool:
     return bool(path) and str(path[-1]) in ADAPTER_NAMES
 

@@ -82,17 +82,10 @@ def _layers(path, a_shape, b_shape, stacked_module: str, nnx: bool) -> list[tupl
     if lead > 1:
         raise ValueError(f"{what} with {lead} stacked axes (nested scans, or experts); PEFT files take one "
                          "stacked layer axis, unstack the outer ones first" + experts)
-    hits = [j for j, k in enumerate(path) if str(k) == stacked_module]
-    if len(hits) != 1:
-        raise ValueError(f"{what} and {len(hits)} path components named stacked_module={stacked_module!r}; "
-                         "it must name the scanned / vmapped module, once in the path" + experts)
-    j = hits[0]
-    if nnx and j + 1 < len(path) and str(path[j + 1]).isdigit():
-        raise ValueError(f"{what}, but its path already indexes {stacked_module!r} (one layer of a list), "
-                         "so its leading axis is not a stack of layers" + experts)
-    if nnx:
-        return [(path[:j + 1] + (i,) + path[j + 1:], i) for i in range(a_shape[0])]
-    return [(path[:j] + (f"{stacked_module}_{i}",) + path[j + 1:], i) for i in range(a_shape[0])]
+    j, why_not = ad.stack_component(path, stacked_module, nnx)
+    if j is None:
+        raise ValueError(what + why_not + experts)
+    return [(ad.layer_path(path, j, i, stacked_module, nnx), i) for i in range(a_shape[0])]
 
 
 def save_peft_adapter(directory, variables_or_model, lora_config: LoraConfig, *, name_map: NameMap = LLAMA,

@@ -165,21 +165,19 @@ def bnb_model_state_dict(variables, *, name_map: NameMap = LLAMA, requantize: bo
 def _unstacked(entries, stacked_module: str | None, nnx: bool):
     """(module, leaf, x) entries with the leaves of a scanned / vmapped module split per layer.
 
-    A leaf whose module path holds the component `stacked_module` once (not followed by a list
-    index, as NNX's `layers/0`) carries a leading layer axis: layer i becomes module
-    `{stacked_module}_{i}` (Linen) or `{stacked_module}/{i}` (NNX), as in unscanned models.
+    A leaf whose module path holds the stack (`adapters.stack_component`, the rule PEFT export
+    uses) carries a leading layer axis: layer i gets `adapters.layer_path`, as in unscanned models.
     """
     for module, leaf, x in entries:
         parts = module.split("/")
-        hits = [j for j, k in enumerate(parts) if k == stacked_module]
-        if stacked_module is None or len(hits) != 1 or (hits[0] + 1 < len(parts) and parts[hits[0] + 1].isdigit()):
+        j = None if stacked_module is None else ad.stack_component(parts, stacked_module, nnx)[0]
+        if j is None:
             yield module, leaf, x
             continue
-        j = hits[0]
         size = x.stack_shape[0] if is_quantized(x) else np.shape(x)[0]
         for i in range(size):
-            name = [f"{stacked_module}/{i}"] if nnx else [f"{stacked_module}_{i}"]
-            yield "/".join(parts[:j] + name + parts[j + 1:]), leaf, jax.tree_util.tree_map(lambda a: a[i], x)
+            path = ad.layer_path(parts, j, i, stacked_module, nnx)
+            yield "/".join(map(str, path)), leaf, jax.tree_util.tree_map(lambda a: a[i], x)
 
 
 def merged_state_dict(variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16, name_map: NameMap = LLAMA,
