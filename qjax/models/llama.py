@@ -115,24 +115,31 @@ def apply_rotary(x, cos, sin):
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def _dense(cfg: LlamaConfig, features: int, name: str, dtype, param_dtype) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
-
-
-class LlamaAttention(nn.Module):
-    """Grouped-query self-attention. x: (batch, seq, hidden); mask: (batch, 1, 1, seq, seq) bool."""
+class _LlamaModule(nn.Module):
+    """The fields every Llama module has, and its bias-free projections."""
 
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    @property
+    def _kw(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def _dense(self, features: int, name: str) -> nn.Dense:
+        return nn.Dense(features, use_bias=False, kernel_init=nn.initializers.normal(self.config.initializer_range),
+                        name=name, **self._kw)
+
+
+class LlamaAttention(_LlamaModule):
+    """Grouped-query self-attention. x: (batch, seq, hidden); mask: (batch, 1, 1, seq, seq) bool."""
 
     @nn.compact
     def __call__(self, x, cos, sin, mask):
         cfg = self.config
         b, t, _ = x.shape
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dense = lambda n, name: _dense(cfg, n, name, self.dtype, self.param_dtype)  # noqa: E731
+        dense = self._dense
         q = dense(h * d, "q_proj")(x).reshape(b, t, h, d)
         k = dense(kv * d, "k_proj")(x).reshape(b, t, kv, d)
         v = dense(kv * d, "v_proj")(x).reshape(b, t, kv, d)
@@ -146,39 +153,30 @@ class LlamaAttention(nn.Module):
         return dense(cfg.hidden_size, "o_proj")(out)
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(_LlamaModule):
     """SwiGLU: down(silu(gate(x)) * up(x)). x: (..., hidden) -> (..., hidden)."""
-
-    config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        cfg = self.config
-        dense = lambda n, name: _dense(cfg, n, name, self.dtype, self.param_dtype)  # noqa: E731
+        cfg, dense = self.config, self._dense
         gate = dense(cfg.intermediate_size, "gate_proj")(x)
         up = dense(cfg.intermediate_size, "up_proj")(x)
         return dense(cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(_LlamaModule):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
-
-    config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, cos, sin, mask):
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg, kw = self.config, self._kw
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
         x = x + LlamaAttention(cfg, name="self_attn", **kw)(h, cos, sin, mask)
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         return x + LlamaMLP(cfg, name="mlp", **kw)(h)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(_LlamaModule):
     """Llama causal LM: token ids -> next-token logits.
 
     dtype: computation dtype of activations and matmuls (norm statistics, softmax and rotary
@@ -186,9 +184,6 @@ class LlamaForCausalLM(nn.Module):
     remat: recompute each block in the backward pass (`nn.remat`), trading compute for memory.
     """
 
-    config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     remat: bool = False
 
     @nn.compact
@@ -199,7 +194,7 @@ class LlamaForCausalLM(nn.Module):
         Returns logits (batch, seq, vocab_size) in float32. Raises ValueError for a sequence
         longer than config.max_position_embeddings or ids that are not (batch, seq).
         """
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg, kw = self.config, self._kw
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
         b, t = input_ids.shape
@@ -223,5 +218,5 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = _dense(cfg, cfg.vocab_size, "lm_head", self.dtype, self.param_dtype)(x)
+            logits = self._dense(cfg.vocab_size, "lm_head")(x)
         return logits.astype(jnp.float32)
