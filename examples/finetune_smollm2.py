@@ -100,10 +100,7 @@ def load_smollm2(gguf_path: str | None):
     """(config, bfloat16 params, tokenizer) of SmolLM2-135M-Instruct, or UserError saying what to install."""
     try:
         from qjax.models import gguf
-        path = gguf.smollm2_gguf_path() if gguf_path is None else gguf_path
-        reader = gguf.read_gguf(path)
-        config = gguf.llama_config_from_gguf(reader)
-        return config, gguf.llama_params_from_gguf(reader, config, jnp.bfloat16), gguf.tokenizer_from_gguf(reader)
+        return gguf.load_gguf(gguf_path, jnp.bfloat16)
     except (FileNotFoundError, ImportError, ValueError) as e:
         raise UserError(str(e)) from None
 
