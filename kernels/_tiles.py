@@ -58,10 +58,6 @@ def is_pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
-def describe(x) -> str:
-    return f"shape={tuple(np.shape(x))} dtype={np.dtype(x.dtype).name}"
-
-
 def weight_spec(x_shape, q: QuantizedArray, dtype, kernel: str) -> WeightSpec:
     """Validates x's shape and q's layout for a Pallas kernel; raises ValueError naming what fails."""
     if not isinstance(q, QuantizedArray):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from qjax._src import formats
+from qjax._src.errors import describe
 from qjax._src.qarray import QuantizedArray, _swap_last2, check_leaves, leaf_shapes
 
 _BNB_DTYPES = {"float32": np.dtype("float32"), "float16": np.dtype("float16")}
@@ -62,10 +63,6 @@ def bnb_state_dict(q: QuantizedArray) -> dict[str, np.ndarray]:
     return out
 
 
-def _describe(name, x) -> str:
-    return f"{name} (shape={tuple(np.shape(x))} dtype={np.asarray(x).dtype.name})"
-
-
 def from_bnb_state_dict(packed_weight, state_dict, *, transposed: bool = False) -> QuantizedArray:
     """Reads a bitsandbytes 4-bit weight and its `QuantState.as_dict(packed=True)` dict.
 
@@ -95,12 +92,12 @@ def from_bnb_state_dict(packed_weight, state_dict, *, transposed: bool = False) 
     packed = np.asarray(packed_weight)
     n_bytes = math.prod(expected["packed"])
     if packed.dtype != np.uint8 or packed.size != n_bytes:
-        raise ValueError(f"{_describe('packed weight', packed)} does not hold the {n_bytes} uint8 bytes "
+        raise ValueError(f"packed weight ({describe(np.asarray(packed))}) does not hold the {n_bytes} uint8 bytes "
                          f"of a {fmt} weight of shape {storage}")
     absmax = np.asarray(sd["absmax"])
     want = np.uint8 if double_quant else np.float32
     if absmax.size != math.prod(expected["absmax"]) or absmax.dtype != want:
-        raise ValueError(f"{_describe('absmax', absmax)} does not match shape {storage} at blocksize "
+        raise ValueError(f"absmax ({describe(np.asarray(absmax))}) does not match shape {storage} at blocksize "
                          f"{blocksize}: expected {math.prod(expected['absmax'])} {np.dtype(want).name} values")
     code = np.asarray(sd.get("quant_map", formats.get_format(fmt).codebook.code), dtype=np.float32)
     if not np.array_equal(code, formats.get_format(fmt).codebook.code):
@@ -109,7 +106,7 @@ def from_bnb_state_dict(packed_weight, state_dict, *, transposed: bool = False) 
     if double_quant:
         nested = np.asarray(sd["nested_absmax"], dtype=np.float32)
         if nested.shape != expected["nested_absmax"]:
-            raise ValueError(f"{_describe('nested_absmax', nested)} does not match {len(absmax)} absmax codes: "
+            raise ValueError(f"nested_absmax ({describe(np.asarray(nested))}) does not match {len(absmax)} absmax codes: "
                              f"expected shape {expected['nested_absmax']}")
         offset = np.asarray(blob["nested_offset"], dtype=np.float32)
     q = QuantizedArray(packed=packed.reshape(expected["packed"]), absmax=absmax.reshape(expected["absmax"]),

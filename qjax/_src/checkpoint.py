@@ -19,6 +19,7 @@ import numpy as np
 from qjax._src.adapters import key_path, lookup
 from qjax._src.bnb import _dtype_name, _parse_dtype
 from qjax._src.qarray import QuantizedArray, check_leaves, is_quantized
+from qjax._src.errors import describe
 
 METADATA_KEY = "qjax"
 FORMAT_VERSION = 1
@@ -203,10 +204,6 @@ def save(path, tree, *, force: bool = False, custom_metadata: dict | None = None
     ck.close()
 
 
-def _describe(x) -> str:
-    return f"shape={tuple(np.shape(x))} dtype={np.dtype(x.dtype).name}"
-
-
 def _check_target(stored: dict, qmeta: dict | None, target, where: str) -> None:
     problems = []
     target_leaves = {key_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
@@ -220,7 +217,7 @@ def _check_target(stored: dict, qmeta: dict | None, target, where: str) -> None:
     for p in sorted(set(stored_n) & set(target_n)):
         s, t = stored_n[p], target_n[p]
         if tuple(s.shape) != tuple(np.shape(t)) or np.dtype(s.dtype) != np.dtype(t.dtype):
-            problems.append(f"{'/'.join(p)}: checkpoint has {_describe(s)}, target has {_describe(t)}")
+            problems.append(f"{'/'.join(p)}: checkpoint has {describe(s)}, target has {describe(t)}")
     if qmeta is not None:
         qtarget = {norm(key_path(p)): x for p, x in
                    jax.tree_util.tree_flatten_with_path(target, is_leaf=is_quantized)[0] if is_quantized(x)}

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._src import formats
+from qjax._src.errors import named
 from qjax._src.qarray import QuantizedArray, is_quantized
 from qjax._src.quantize import check_blocksize, dequantize, quantize
 
@@ -120,10 +121,6 @@ class QuantConfig:
                         transposed=transposed)
 
 
-def _describe_leaf(path: str, x) -> str:
-    return f"{path!r} (shape={tuple(np.shape(x))} dtype={np.dtype(x.dtype).name})"
-
-
 def _is_float(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
@@ -148,12 +145,12 @@ def quantize_params(params, config: QuantConfig = QuantConfig()):
             return x
         if not _is_float(x):
             if chosen.target is not None:
-                raise TypeError(f"target pattern selects non-float parameter {_describe_leaf(name, x)}")
+                raise TypeError(f"target pattern selects non-float parameter {named(name, x)}")
             return x
         try:
             return chosen.quantize(x)
         except (TypeError, ValueError) as e:
-            raise type(e)(f"parameter {_describe_leaf(name, x)}: {e}") from None
+            raise type(e)(f"parameter {named(name, x)}: {e}") from None
 
     return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_quantized)
 

@@ -28,6 +28,7 @@ from qjax._src import formats
 from qjax._src.codes import lookup
 from qjax._src.qarray import QuantizedArray, check_leaves
 from qjax._src.quantize import _values_f32, absmax_f32
+from qjax._src.errors import describe
 
 BACKENDS = ("auto", "xla", "pallas")
 _FLOAT_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
@@ -263,23 +264,18 @@ def _resolve_backend(backend: str, x, q: QuantizedArray, dtype, interpret: bool)
     return "pallas"
 
 
-def _describe(x) -> str:
-    return f"shape={tuple(np.shape(x))} dtype={np.dtype(x.dtype).name}"
-
-
 def _check_args(x, q, compute_dtype):
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"qmatmul needs a QuantizedArray for q, got {type(q).__name__}")
     if not hasattr(x, "dtype") or np.dtype(x.dtype) not in _FLOAT_DTYPES:
-        desc = _describe(x) if hasattr(x, "dtype") else f"type={type(x).__name__}"
-        raise TypeError(f"qmatmul: x must be a float32, bfloat16 or float16 array, got {desc}")
+        raise TypeError(f"qmatmul: x must be a float32, bfloat16 or float16 array, got {describe(x)}")
     if q.ndim != 2:
         raise ValueError(f"qmatmul needs a 2-D QuantizedArray of logical shape (K, N), got {q!r}")
     if np.ndim(x) < 1 or np.shape(x)[-1] != q.shape[0]:
-        raise ValueError(f"qmatmul: x {_describe(x)} must have shape (..., K) with K={q.shape[0]} "
+        raise ValueError(f"qmatmul: x {describe(x)} must have shape (..., K) with K={q.shape[0]} "
                          f"to multiply {q!r} (logical shape (K, N)={q.shape})")
     if math.prod(np.shape(x)) == 0 or q.size == 0:
-        raise ValueError(f"qmatmul: empty operand, x {_describe(x)}, q {q!r}")
+        raise ValueError(f"qmatmul: empty operand, x {describe(x)}, q {q!r}")
     dtype = np.dtype(compute_dtype if compute_dtype is not None else x.dtype)
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"qmatmul: compute_dtype must be float32, bfloat16 or float16, got {dtype.name}")

@@ -16,6 +16,7 @@ import numpy as np
 from qjax._src import formats
 from qjax._src.codes import code_index, lookup, pack_codes, unpack_codes
 from qjax._src.qarray import QuantizedArray, is_structured
+from qjax._src.errors import describe
 
 _F32 = jnp.float32
 # bitsandbytes clamps a zero absmax of the last partial block to this value (and stores it).
@@ -27,17 +28,12 @@ _INV_127 = np.float32(1 / 127)
 # ----------------------------------------------------------------------------- validation
 
 
-def _describe(x) -> str:
-    return f"shape={tuple(np.shape(x))} dtype={np.dtype(x.dtype).name}"
-
-
 def check_float_array(x, what: str = "x") -> None:
     """Raises TypeError/ValueError unless x is a non-empty float32/bfloat16/float16 array."""
     if not hasattr(x, "dtype") or np.dtype(x.dtype) not in _FLOAT_DTYPES:
-        desc = _describe(x) if hasattr(x, "dtype") else f"type={type(x).__name__}"
-        raise TypeError(f"{what} must be a float32, bfloat16 or float16 array, got {desc}")
+        raise TypeError(f"{what} must be a float32, bfloat16 or float16 array, got {describe(x)}")
     if math.prod(np.shape(x)) == 0:
-        raise ValueError(f"{what} is empty ({_describe(x)}); there is nothing to quantize")
+        raise ValueError(f"{what} is empty ({describe(x)}); there is nothing to quantize")
 
 
 def check_finite(x, what: str = "x") -> None:
@@ -47,7 +43,7 @@ def check_finite(x, what: str = "x") -> None:
     finite = jnp.isfinite(jnp.asarray(x))
     if not bool(jnp.all(finite)):
         bad = int(jnp.size(finite) - jnp.sum(finite))
-        raise ValueError(f"{what} ({_describe(x)}) holds {bad} NaN/Inf value(s); "
+        raise ValueError(f"{what} ({describe(x)}) holds {bad} NaN/Inf value(s); "
                          "quantizing it would give wrong codes")
 
 
@@ -234,7 +230,7 @@ def dequantize_blockwise(codes, absmax, *, blocksize: int = 256, dtype=jnp.float
     expected = -(-math.prod(np.shape(codes)) // blocksize)
     if np.dtype(codes.dtype) != np.uint8 or tuple(np.shape(absmax)) != (expected,):
         raise ValueError(f"dequantize_blockwise needs uint8 codes and absmax of shape ({expected},); "
-                         f"got codes {_describe(codes)}, absmax {_describe(absmax)}")
+                         f"got codes {describe(codes)}, absmax {describe(absmax)}")
     return _dequantize_blockwise(codes, absmax, blocksize, np.dtype(dtype))
 
 
@@ -354,7 +350,7 @@ def quantize(x, format: str = "nf4", *, blocksize: int | None = 64, double_quant
     check_float_array(x)
     check_blocksize(spec, blocksize)
     if transposed and np.ndim(x) < 2:
-        raise ValueError(f"transposed=True needs an array of rank >= 2, got {_describe(x)}")
+        raise ValueError(f"transposed=True needs an array of rank >= 2, got {describe(x)}")
     check_finite(x)
     return _quantize(jnp.asarray(x), format, blocksize, double_quant, transposed)
 

@@ -1,0 +1,21 @@
+"""One way to name a bad input in an error message: its path, shape and dtype."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def describe(x) -> str:
+    """'shape=(4, 8) dtype=float32' for an array-like, 'type=str' for anything else."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        try:
+            dtype = np.dtype(x.dtype).name
+        except TypeError:  # extended dtypes (PRNG keys) have no numpy equivalent
+            dtype = str(x.dtype)
+        return f"shape={tuple(np.shape(x))} dtype={dtype}"
+    return f"type={type(x).__name__}"
+
+
+def named(path, x) -> str:
+    """"'a/b/kernel' (shape=(4, 8) dtype=float32)": a leaf named by its path."""
+    return f"{path!r} ({describe(x)})"
