@@ -5,32 +5,32 @@ ordinary arrays, in their packed form, and restores them bit for bit onto a targ
 cannot know are the static fields (format, blocksize, shape, dtype, transposed): qjax stores
 them as JSON in the step's `custom_metadata` under "qjax", with a CRC32 of every array, so
 `restore(path)` rebuilds QuantizedArrays without a target and detects corrupted data.
+
+`save` never deletes the old checkpoint before the new one is complete: it validates the tree
+first, then writes beside `path` and swaps the new directory in whole (`ckpt_files`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qjax._src.adapters import key_path, lookup
 from qjax._src.bnb import _dtype_name, _parse_dtype
+from qjax._src import ckpt_files as files
 from qjax._src.qarray import QuantizedArray, check_leaves, is_quantized
-from qjax._src.errors import describe
+from qjax._src.errors import CheckpointError, describe, named
 
 METADATA_KEY = "qjax"
 FORMAT_VERSION = 1
-_STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 _TREE_METADATA_FILE = "_METADATA"
-_TMP_MARK = ".orbax-checkpoint-tmp"
 _CHILDREN = ("packed", "absmax", "nested_absmax", "offset")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, corrupted or does not fit the target."""
 
 
 def _ocp():
@@ -41,7 +41,7 @@ def _ocp():
 # ----------------------------------------------------------------------------- metadata
 
 
-def _json_key(k):
+def json_key(k):
     return k if isinstance(k, (int, str)) else str(k)
 
 
@@ -64,7 +64,7 @@ def tree_metadata(tree, *, checksums: bool = False) -> dict:
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
     quantized, sums = [], {}
     for p, x in leaves:
-        path = [_json_key(k) for k in key_path(p)]
+        path = [json_key(k) for k in key_path(p)]
         if is_quantized(x):
             quantized.append({"path": path, "format": x.format, "blocksize": x.blocksize,
                               "shape": list(x.shape), "dtype": _dtype_name(x.dtype),
@@ -80,6 +80,83 @@ def tree_metadata(tree, *, checksums: bool = False) -> dict:
     if checksums:
         meta["checksums"] = sums
     return {METADATA_KEY: meta}
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _name(p) -> str:
+    return "/".join(map(str, key_path(p)))
+
+
+def _unsavable(x) -> str | None:
+    """Why orbax cannot save leaf `x`, or None when it can."""
+    if isinstance(x, (bool, int, float)):
+        return None
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return "an abstract ShapeDtypeStruct holds no data"
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        if not (jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) or x.dtype == np.bool_
+                or jnp.issubdtype(x.dtype, np.number)):
+            return "orbax saves numeric and bool arrays only"
+        return "orbax cannot save zero-size arrays" if x.size == 0 else None
+    return "orbax saves arrays and Python numbers only"
+
+
+def check_tree(tree, what: str = "tree") -> None:
+    """Raises before anything touches disk when orbax cannot save `tree`.
+
+    Raises ValueError for a tree without leaves, TypeError naming every leaf (path, shape,
+    dtype or type) that is not a non-empty numeric / bool array or a Python number.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not leaves:
+        raise ValueError(f"{what} has no arrays to save (an empty tree): orbax cannot write it")
+    bad = [f"{named(_name(p), x)}: {why}" for p, x in leaves if (why := _unsavable(x)) is not None]
+    if bad:
+        raise TypeError(f"{what} cannot be saved: " + "; ".join(bad[:10])
+                        + (f"; ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+                        + ". Drop these leaves or turn them into arrays")
+
+
+def check_finite(tree, what: str) -> None:
+    """Raises ValueError naming every float leaf of `tree` that holds NaN or inf: path, shape, dtype, count."""
+    leaves = [(p, x if hasattr(x, "dtype") else np.asarray(x))
+              for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    floats = [(p, x) for p, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    counts = jax.device_get([jnp.count_nonzero(~jnp.isfinite(x)) for _, x in floats])  # one sync for all
+    bad = [f"{named(_name(p), x)} has {int(n)} non-finite value(s) (NaN or inf) of {x.size}"
+           for (p, x), n in zip(floats, counts) if n]
+    if bad:
+        raise ValueError(f"{what} hold non-finite values (did the loss diverge?): " + "; ".join(bad)
+                         + ". Save an earlier step, or pass allow_nonfinite=True to save them anyway")
+
+
+def to_json(value, name: str):
+    """`value` with numpy / jax numbers and arrays turned into Python numbers and lists (tuples too).
+
+    Raises TypeError naming the field (e.g. "data_position['epoch']") and its type when a value
+    is not JSON-serializable or a dict key is not a str (JSON would give it back as a str).
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        if value.dtype == np.bool_ or jnp.issubdtype(value.dtype, np.integer):
+            return np.asarray(value).tolist()
+        if jnp.issubdtype(value.dtype, np.floating):  # bfloat16 too: its tolist() gives no Python floats
+            return np.asarray(value, np.float64).tolist()
+    if isinstance(value, (list, tuple)):
+        return [to_json(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{name}: key {k!r} (type={type(k).__name__}) is not a str, so JSON would give "
+                                f"it back as {str(k)!r}: use str keys")
+            out[k] = to_json(v, f"{name}[{k!r}]")
+        return out
+    raise TypeError(f"{name}: {str(value)[:80]!r} is not JSON-serializable ({describe(value)}): "
+                    "use numbers, strings, lists and dicts with str keys")
 
 
 def _rebuild(raw, entry: dict, where: str) -> QuantizedArray:
@@ -114,22 +191,24 @@ def _set(tree, path, value):
 
 
 def _interrupted(path: str) -> list[str]:
-    parent, name = os.path.split(os.path.normpath(path))
-    try:
-        return sorted(f for f in os.listdir(parent or ".") if f.startswith(name + _TMP_MARK))
-    except FileNotFoundError:
-        return []
+    return [os.path.basename(d) for d in files.siblings(path, files.TMP_MARK, files.NEW_MARK)]
 
 
-def _locate(path, item: str | None) -> tuple[str, str | None]:
+def locate(path, item: str | None) -> tuple[str, str | None]:
     """(item directory holding _METADATA, step directory holding _CHECKPOINT_METADATA or None)."""
-    path = os.fspath(path)
+    path = os.path.abspath(os.fspath(path))  # orbax reads a relative path's metadata as an empty tree
     if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise CheckpointError(f"{path!r} is a file, not a checkpoint directory")
+        moved = files.displaced(path)
         tmp = _interrupted(path)
-        if tmp:
+        if moved is not None:
+            path = moved
+        elif tmp:
             raise CheckpointError(f"no complete checkpoint at {path!r}: only an interrupted save "
                                   f"({', '.join(tmp)}) exists; restore an earlier checkpoint")
-        raise CheckpointError(f"no checkpoint at {path!r}: the directory does not exist")
+        else:
+            raise CheckpointError(f"no checkpoint at {path!r}: the directory does not exist")
     if item is not None:
         item_dir = os.path.join(path, item)
         if not os.path.isdir(item_dir):
@@ -138,7 +217,7 @@ def _locate(path, item: str | None) -> tuple[str, str | None]:
         item_dir = path
     else:
         items = _items(path)
-        if not items and os.path.exists(os.path.join(path, _STEP_METADATA_FILE)):
+        if not items and os.path.exists(os.path.join(path, files.STEP_METADATA_FILE)):
             raise CheckpointError(f"checkpoint {path!r} is missing its orbax tree metadata file "
                                   f"{_TREE_METADATA_FILE!r} (deleted or an incomplete copy?)")
         if len(items) != 1:
@@ -146,7 +225,7 @@ def _locate(path, item: str | None) -> tuple[str, str | None]:
                                   + (f"; pass item= one of {items}" if items else ""))
         item_dir = os.path.join(path, items[0])
     for d in (item_dir, os.path.dirname(os.path.normpath(item_dir))):
-        if os.path.exists(os.path.join(d, _STEP_METADATA_FILE)):
+        if os.path.exists(os.path.join(d, files.STEP_METADATA_FILE)):
             return item_dir, d
     return item_dir, None
 
@@ -156,15 +235,10 @@ def _items(path: str) -> list[str]:
                   if os.path.exists(os.path.join(path, d, _TREE_METADATA_FILE)))
 
 
-def read_metadata(path, item: str | None = None) -> dict | None:
-    """The "qjax" metadata stored with a checkpoint, or None if it has none.
-
-    Raises CheckpointError when the checkpoint is missing or its metadata file is unreadable.
-    """
-    _, step_dir = _locate(path, item)
+def _read_qmeta(step_dir: str | None) -> dict | None:
     if step_dir is None:
         return None
-    f = os.path.join(step_dir, _STEP_METADATA_FILE)
+    f = os.path.join(step_dir, files.STEP_METADATA_FILE)
     try:
         with open(f) as fh:
             meta = json.load(fh)
@@ -173,38 +247,142 @@ def read_metadata(path, item: str | None = None) -> dict | None:
     return (meta.get("custom_metadata") or {}).get(METADATA_KEY)
 
 
-def _stored_arrays(item_dir: str):
+def read_metadata(path, item: str | None = None) -> dict | None:
+    """The "qjax" metadata stored with a checkpoint, or None if it has none.
+
+    Raises CheckpointError when the checkpoint is missing or its metadata file is unreadable.
+    """
+    return _read_qmeta(locate(path, item)[1])
+
+
+def _damaged_files(d: str) -> list[str]:
+    """Files of checkpoint `d` that are missing or changed size since `save` listed them in _QJAX_FILES,
+    and, for any orbax checkpoint, missing or empty OCDBT manifests."""
+    problems = []
+    try:
+        with open(os.path.join(d, files.FILES)) as fh:
+            sizes = json.load(fh)
+    except FileNotFoundError:
+        sizes = {}
+    except (OSError, ValueError) as e:
+        return [f"{files.FILES!r} is unreadable ({e})"]
+    for rel, size in sorted(sizes.items()):
+        try:
+            have = os.path.getsize(os.path.join(d, rel))
+        except FileNotFoundError:
+            problems.append(f"file {rel!r} is missing")
+            continue
+        if have != size:
+            problems.append(f"file {rel!r} is {'truncated' if have < size else 'damaged'}: {have} bytes, "
+                            f"{size} when saved")
+    procs = sorted(f for f in os.listdir(d) if f.startswith("ocdbt.process_"))
+    manifests = ["manifest.ocdbt"] + [os.path.join(p, "manifest.ocdbt") for p in procs] if procs else []
+    for rel in (m for m in manifests if m not in sizes):  # an OCDBT checkpoint cannot be read without them
+        if not os.path.isfile(os.path.join(d, rel)):
+            problems.append(f"file {rel!r} is missing")
+        elif os.path.getsize(os.path.join(d, rel)) == 0:
+            problems.append(f"file {rel!r} is empty")
+    return problems
+
+
+def _check_files(d: str, where: str) -> None:
+    problems = _damaged_files(d)
+    if problems:
+        raise CheckpointError(f"checkpoint {where!r} is damaged or incomplete: " + "; ".join(problems[:10])
+                              + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+                              + ". Restore another checkpoint")
+
+
+def stored_arrays(item_dir: str, qmeta: dict | None = None) -> dict:
+    """{path tuple: array metadata} of the arrays orbax stored; checks the files they live in first.
+
+    qmeta: the step's qjax metadata; arrays it checksummed but _METADATA lacks mean a damaged _METADATA.
+    """
     f = os.path.join(item_dir, _TREE_METADATA_FILE)
     if not os.path.exists(f):
         raise CheckpointError(f"checkpoint {item_dir!r} is missing its orbax tree metadata file {f!r}")
+    _check_files(item_dir, item_dir)
     try:
+        with open(f) as fh:
+            json.load(fh)
         meta = _ocp().StandardCheckpointer().metadata(item_dir)
     except Exception as e:  # orbax raises assorted types for a damaged _METADATA
-        raise CheckpointError(f"orbax tree metadata {f!r} is unreadable (truncated or corrupted?): "
+        raise CheckpointError(f"orbax tree metadata file {f!r} is damaged (truncated or corrupted?): "
                               f"{type(e).__name__}: {e}") from None
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    return {key_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    stored = {key_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    names = {"/".join(map(str, p)) for p in stored}
+    lost = sorted(set((qmeta or {}).get("checksums") or {}) - names)
+    if lost:
+        raise CheckpointError(f"orbax tree metadata file {f!r} is damaged: it lacks {lost[:10]}, which were saved")
+    return stored
 
 
 # ----------------------------------------------------------------------------- save / restore
 
 
+def _check_replaceable(path: str, force: bool) -> None:
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} exists and is not a directory: save replaces only checkpoint "
+                              "directories; choose another path")
+    entries = sorted(os.listdir(path))
+    if not entries:
+        return
+    if not (files.complete(path) or _TREE_METADATA_FILE in entries or _items(path)):
+        raise CheckpointError(f"{path!r} holds files that are not a checkpoint (e.g. {entries[:3]}): save "
+                              "replaces only checkpoints, even with force=True; choose another path")
+    if not force:
+        raise CheckpointError(f"a checkpoint exists at {path!r}: pass force=True to replace it (the old one "
+                              "stays readable until the new one is complete)")
+
+
 def save(path, tree, *, force: bool = False, custom_metadata: dict | None = None) -> None:
-    """Saves a qjax tree with `ocp.StandardCheckpointer`, plus its static metadata and checksums.
+    """Saves a qjax tree with orbax, plus its static metadata and checksums.
 
-    The write is atomic (orbax writes a temporary directory and renames it when complete).
-    force: overwrite an existing checkpoint at `path`.
+    The tree is validated before anything touches disk, written beside `path` and moved into
+    place when complete: `restore(path)` gives the old or the new tree at every instant, a
+    killed save included. An existing empty directory is replaced.
+    force: replace an existing checkpoint at `path` (never a file or a directory of other files).
+    custom_metadata: JSON-able dict stored beside the "qjax" metadata (numpy numbers converted).
+    Raises TypeError / ValueError for leaves orbax cannot save (named by path, shape, dtype) or an
+    empty tree, CheckpointError when `path` exists (without force), is not a checkpoint, or is
+    being written by another thread or process.
     """
-    meta = dict(custom_metadata or {})
+    check_tree(tree)
+    meta = to_json(dict(custom_metadata or {}), "custom_metadata")
     meta.update(tree_metadata(tree, checksums=True))
-    ck = _ocp().StandardCheckpointer()
-    ck.save(os.path.abspath(os.fspath(path)), tree, force=force, custom_metadata=meta)
-    ck.wait_until_finished()
-    ck.close()
+    path = os.path.realpath(os.fspath(path))  # a symlink: replace what it points to, keep the link
+    if jax.process_count() > 1:  # every process writes its shards; orbax coordinates the rename
+        ck = _ocp().StandardCheckpointer()
+        ck.save(path, tree, force=force, custom_metadata=meta)
+        ck.wait_until_finished()
+        ck.close()
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(f"cannot save to {path!r}: a parent of it is a file") from None
+    with files.exclusive(path):
+        files.tidy(path)
+        _check_replaceable(path, force)
+        new = files.fresh(path, files.NEW_MARK)
+        try:
+            with files.WRITE_LOCK:
+                ck = _ocp().Checkpointer(_ocp().StandardCheckpointHandler())
+                ck.save(new, args=_ocp().args.StandardSave(tree), custom_metadata=meta)
+                ck.close()
+            files.finish(new)
+            files.swap_in(new, path)
+        except BaseException:
+            for d in files.siblings(path, files.NEW_MARK):
+                shutil.rmtree(d, ignore_errors=True)
+            raise
 
 
-def _check_target(stored: dict, qmeta: dict | None, target, where: str) -> None:
+def check_target(stored: dict, qmeta: dict | None, target, where: str) -> None:
     problems = []
     target_leaves = {key_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
     norm = lambda p: tuple(map(str, p))  # noqa: E731
@@ -235,7 +413,7 @@ def _check_target(stored: dict, qmeta: dict | None, target, where: str) -> None:
                               + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
 
 
-def _verify(tree, qmeta: dict | None, where: str) -> None:
+def verify_checksums(tree, qmeta: dict | None, where: str) -> None:
     sums = (qmeta or {}).get("checksums")
     if not sums:
         return
@@ -250,14 +428,23 @@ def _verify(tree, qmeta: dict | None, where: str) -> None:
                               "checksums recorded at save time")
 
 
-def _with_orbax_errors(fn, where: str):
+def with_orbax_errors(fn, where: str):
     try:
         return fn()
     except CheckpointError:
         raise
     except Exception as e:  # tensorstore / orbax raise assorted types for damaged data files
-        raise CheckpointError(f"could not read the arrays of checkpoint {where!r} (a data file is truncated, "
-                              f"corrupted or missing?): {type(e).__name__}: {str(e)[:500]}") from None
+        inner = e.__cause__ or e  # tensorstore's own error names the array ("a/0": array a, chunk 0)
+        raise CheckpointError(f"could not read the arrays of checkpoint {where!r}: a data file is damaged or "
+                              f"missing: {type(inner).__name__}: {str(inner)[:500]}") from None
+
+
+def _identity(path: str):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_ctime_ns
 
 
 def restore(path, target=None, *, item: str | None = None, verify: bool = True):
@@ -269,20 +456,35 @@ def restore(path, target=None, *, item: str | None = None, verify: bool = True):
       from `jax.eval_shape`); their shardings are kept. Without it, QuantizedArrays are rebuilt
       from the stored metadata.
     verify: check the CRC32 checksums recorded by `save` (arrays fully on this host only).
-    Raises CheckpointError naming the problem: no or interrupted checkpoint, unreadable files,
-    leaves whose shape/dtype/format differ from the target, missing metadata, bad checksums.
+    A save that replaces `path` meanwhile makes it read again, so the result is the old or the new tree.
+    Raises CheckpointError naming the problem: no or interrupted checkpoint, damaged or missing
+    files (named), leaves whose shape/dtype/format differ from the target, missing metadata, bad checksums.
     """
     where = os.fspath(path)
-    item_dir, _ = _locate(path, item)
-    qmeta = read_metadata(path, item)
-    stored = _stored_arrays(item_dir)
+    for attempt in range(5):
+        before = _identity(where)
+        try:
+            out = _restore_once(where, target, item, verify)
+        except Exception:  # a swap mid-read mixes two checkpoints' files: whatever fails, read again
+            if attempt < 4 and _identity(where) != before:
+                continue
+            raise
+        if _identity(where) == before:
+            break
+    return out
+
+
+def _restore_once(where: str, target, item: str | None, verify: bool):
+    item_dir, step_dir = locate(where, item)
+    qmeta = _read_qmeta(step_dir)
+    stored = stored_arrays(item_dir, qmeta)
     ck = _ocp().StandardCheckpointer()
     if target is not None:
-        _check_target(stored, qmeta, target, where)
+        check_target(stored, qmeta, target, where)
         abstract = jax.tree_util.tree_map(_ocp().utils.to_shape_dtype_struct, target)
-        out = _with_orbax_errors(lambda: ck.restore(os.path.abspath(item_dir), abstract), where)
+        out = with_orbax_errors(lambda: ck.restore(os.path.abspath(item_dir), abstract), where)
     else:
-        raw = _with_orbax_errors(lambda: ck.restore(os.path.abspath(item_dir)), where)
+        raw = with_orbax_errors(lambda: ck.restore(os.path.abspath(item_dir)), where)
         if qmeta is None:
             looks = sorted({"/".join(map(str, p[:-1])) for p in stored if str(p[-1]) == "packed"})
             if looks:
@@ -294,5 +496,5 @@ def restore(path, target=None, *, item: str | None = None, verify: bool = True):
         for entry in qmeta.get("quantized", []):
             _set(out, entry["path"], _rebuild(out, entry, where))
     if verify:
-        _verify(out, qmeta, where)
+        verify_checksums(out, qmeta, where)
     return out

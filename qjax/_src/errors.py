@@ -19,3 +19,7 @@ def describe(x) -> str:
 def named(path, x) -> str:
     """"'a/b/kernel' (shape=(4, 8) dtype=float32)": a leaf named by its path."""
     return f"{path!r} ({describe(x)})"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupted or does not fit the target."""
