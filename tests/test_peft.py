@@ -103,7 +103,7 @@ def test_load_from_peft_with_same_outputs(rng, tmp_path):
     np.testing.assert_allclose(np.asarray(apply(loaded, jnp.asarray(x), cfg.scaling)), ref, rtol=1e-5, atol=1e-5)
     # and back: qjax writes what it read, bit for bit
     qjax.interop.save_peft_adapter(tmp_path / "again", loaded, cfg)
-    ours = qjax.interop.load_peft_adapter(tmp_path / "again", variables)
+    ours = qjax.interop.load_peft_adapter(tmp_path / "again", variables, cfg)
     for p, v in ad.flat_adapters(loaded).items():
         assert np.asarray(ad.flat_adapters(ours)[p]).tobytes() == np.asarray(v).tobytes()
 
@@ -312,7 +312,7 @@ def test_stacked_errors_name_path_and_shapes(rng, tmp_path):
     blocks = {"params": {"blocks": {"attn": _adapter(rng, 2)}}}
     names = qjax.interop.save_peft_adapter(tmp_path / "b", blocks, cfg, stacked_module="blocks")
     assert names == {"params/blocks_0/attn": "model.blocks_0.attn", "params/blocks_1/attn": "model.blocks_1.attn"}
-    back = qjax.interop.load_peft_adapter(tmp_path / "b", _randomized(rng, blocks), stacked_module="blocks")
+    back = qjax.interop.load_peft_adapter(tmp_path / "b", _randomized(rng, blocks), cfg, stacked_module="blocks")
     assert np.asarray(back["params"]["blocks"]["attn"]["lora_b"]).tobytes() == \
         np.asarray(blocks["params"]["blocks"]["attn"]["lora_b"]).tobytes()
     # loading into stacks of another depth or rank

@@ -12,6 +12,7 @@ import numpy as np
 
 from qjax._src import adapters as ad
 from qjax._src import checkpoint as ck
+from qjax._src import ckpt_files as files
 from qjax._src.lora_config import LoraConfig
 
 ADAPTERS_KEY = "qjax_adapters"
@@ -28,9 +29,19 @@ def config_to_json(config: LoraConfig) -> dict:
     return out
 
 
-def config_from_json(d: dict) -> LoraConfig:
+def config_from_json(d: dict, where: str = "the stored LoraConfig") -> LoraConfig:
+    """The LoraConfig of `config_to_json`'s dict (unknown keys ignored).
+
+    Raises CheckpointError naming `where` when d is not a dict or holds values LoraConfig refuses.
+    """
+    if not isinstance(d, dict):
+        raise ck.CheckpointError(f"{where} is a JSON {type(d).__name__}, not a LoraConfig object: the metadata "
+                                 "is damaged or was not written by qjax")
     known = {f.name for f in dataclasses.fields(LoraConfig)}
-    return LoraConfig(**{k: v for k, v in d.items() if k in known})
+    try:
+        return LoraConfig(**{k: v for k, v in d.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise ck.CheckpointError(f"{where} is not a valid LoraConfig ({d!r}): {e}") from None
 
 
 def _comparable(config: LoraConfig) -> dict:
@@ -42,14 +53,17 @@ def _name(path) -> str:
 
 
 def save_adapters(path, variables_or_model, lora_config: LoraConfig, *, force: bool = False,
-                  custom_metadata: dict | None = None) -> None:
+                  custom_metadata: dict | None = None, allow_nonfinite: bool = False) -> None:
     """Saves only the adapters (every `lora_a` / `lora_b` leaf) and the LoraConfig.
 
-    path: directory to create (atomically: orbax writes a temporary directory and renames it).
+    path: directory to create, or with force=True an adapter checkpoint to replace; written
+      beside `path` and swapped in when complete (see `qjax.checkpoint.save`).
     variables_or_model: Linen variables, an `nnx.State`, or an NNX module holding adapters.
     lora_config: the LoraConfig the adapters were trained with; stored as JSON.
-    Raises ValueError when there are no adapters or an adapter's A/B shapes do not chain,
-    TypeError when lora_config is not a LoraConfig.
+    allow_nonfinite: save adapters holding NaN / inf too.
+    Raises ValueError when there are no adapters, an adapter's A/B shapes do not chain or an
+    adapter holds NaN / inf (named by path, shape, dtype, count), TypeError when lora_config is
+    not a LoraConfig, CheckpointError as `qjax.checkpoint.save` does.
     """
     if not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a qjax.LoraConfig, got {type(lora_config).__name__}")
@@ -58,8 +72,10 @@ def save_adapters(path, variables_or_model, lora_config: LoraConfig, *, force: b
     ranks = {np.shape(p["lora_a"])[-1] for p in groups.values()}
     if ranks != {lora_config.r}:
         raise ValueError(f"adapters have rank(s) {sorted(ranks)} but lora_config.r={lora_config.r}")
+    if not allow_nonfinite:
+        ck.check_finite(ad.nest(flat), "the adapters")
     meta = {"lora_config": config_to_json(lora_config),
-            "adapters": [{"path": [ck._json_key(k) for k in p], "shape": list(np.shape(x)),
+            "adapters": [{"path": [ck.json_key(k) for k in p], "shape": list(np.shape(x)),
                           "dtype": np.dtype(x.dtype).name} for p, x in flat.items()]}
     custom = dict(custom_metadata or {})
     custom[ADAPTERS_KEY] = meta
@@ -67,26 +83,40 @@ def save_adapters(path, variables_or_model, lora_config: LoraConfig, *, force: b
 
 
 def _read(path) -> dict:
-    item_dir, step_dir = ck._locate(path, None)
+    item_dir, step_dir = ck.locate(path, None)
     if step_dir is None:
-        raise ck.CheckpointError(f"{os.fspath(path)!r} has no {ck._STEP_METADATA_FILE} file: it is not an "
+        raise ck.CheckpointError(f"{os.fspath(path)!r} has no {files.STEP_METADATA_FILE} file: it is not an "
                                  "adapter checkpoint written by qjax.checkpoint.save_adapters")
     import json
-    f = os.path.join(step_dir, ck._STEP_METADATA_FILE)
+    f = os.path.join(step_dir, files.STEP_METADATA_FILE)
     try:
         with open(f) as fh:
-            meta = (json.load(fh).get("custom_metadata") or {}).get(ADAPTERS_KEY)
+            doc = json.load(fh)
     except (OSError, ValueError) as e:
         raise ck.CheckpointError(f"metadata file {f!r} is unreadable (truncated or corrupted?): {e}") from None
-    if not meta or "lora_config" not in meta or "adapters" not in meta:
+    custom = doc.get("custom_metadata") if isinstance(doc, dict) else None
+    meta = custom.get(ADAPTERS_KEY) if isinstance(custom, dict) else None
+    if not isinstance(meta, dict) or "lora_config" not in meta or "adapters" not in meta:
         raise ck.CheckpointError(f"{os.fspath(path)!r} has no adapter metadata (LoraConfig and shapes) in {f!r}: "
                                  "it was not written by qjax.checkpoint.save_adapters")
+    entries = meta["adapters"] if isinstance(meta["adapters"], list) else [meta["adapters"]]
+    for e in entries:
+        try:
+            ok = (isinstance(e["path"], list) and e["path"] and all(isinstance(k, (str, int)) for k in e["path"])
+                  and isinstance(e["shape"], list)
+                  and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in e["shape"])
+                  and isinstance(e["dtype"], str) and (e["dtype"] == "bfloat16" or np.dtype(e["dtype"]) is not None))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ck.CheckpointError(f"adapter entry {e!r} in {f!r} is damaged: expected "
+                                     "{'path': [...], 'shape': [ints], 'dtype': '<numpy dtype name>'}")
     return meta
 
 
 def read_adapter_config(path) -> LoraConfig:
-    """The LoraConfig stored by `save_adapters` at `path`."""
-    return config_from_json(_read(path)["lora_config"])
+    """The LoraConfig stored by `save_adapters` at `path`; CheckpointError for damaged metadata."""
+    return config_from_json(_read(path)["lora_config"], f"the LoraConfig stored in {os.fspath(path)!r}")
 
 
 def load_adapters(path, variables_or_model, lora_config: LoraConfig | None = None):
@@ -94,15 +124,20 @@ def load_adapters(path, variables_or_model, lora_config: LoraConfig | None = Non
 
     variables_or_model: Linen variables (a new tree is returned), an `nnx.State`, or an NNX
       module (updated in place and returned). Its adapters must be exactly those saved.
-    lora_config: when given, must agree with the stored one on r, alpha, use_rslora,
-      target_modules and exclude.
+    lora_config: the LoraConfig the model was converted with; when given, must agree with the
+      stored one on r, alpha, use_rslora, target_modules and exclude. Required for Linen variables
+      and an nnx.State, which do not record the scaling (alpha / r) the model applies; qjax's NNX
+      layers record theirs, which must give the stored scaling.
     Adapters are cast to the dtype of the model's adapters and keep their shardings.
-    Raises CheckpointError (a ValueError) naming every mismatch: config fields, modules
-    missing on either side, shapes (e.g. another rank or model size), damaged files.
+    Raises CheckpointError (a ValueError) naming every mismatch: config fields, the scaling the
+    model applies, modules missing on either side, shapes (e.g. another rank or model size),
+    damaged files; TypeError when lora_config is not a LoraConfig.
     """
+    if lora_config is not None and not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"lora_config must be a qjax.LoraConfig, got {type(lora_config).__name__}")
     meta = _read(path)
-    saved_config = config_from_json(meta["lora_config"])
     where = os.fspath(path)
+    saved_config = config_from_json(meta["lora_config"], f"the LoraConfig stored in {where!r}")
     if lora_config is not None:
         mine, theirs = _comparable(lora_config), _comparable(saved_config)
         diff = [f"{k}: checkpoint {theirs[k]!r}, given {mine[k]!r}" for k in _CHECKED_FIELDS if mine[k] != theirs[k]]
@@ -125,6 +160,9 @@ def load_adapters(path, variables_or_model, lora_config: LoraConfig | None = Non
             elif p[-1] == "lora_b" and s[1:] == m[1:]:
                 rank = f" (LoRA rank r={s[0]} in the checkpoint, r={m[0]} in the model)"
             problems.append(f"{_name(p)}: checkpoint shape={s}, model shape={m}{rank}")
+    if not problems:
+        from qjax._src.peft import scaling_problems  # the same check as PEFT files get
+        problems = scaling_problems(saved_config, variables_or_model, lora_config, "checkpoint")
     if problems:
         raise ck.CheckpointError(f"adapter checkpoint {where!r} does not fit this model:\n  " + "\n  ".join(problems))
 

@@ -24,6 +24,23 @@ class NameMap:
     to_torch_rules: Sequence[Rule] = ()
     to_flax_rules: Sequence[Rule] = ()
 
+    def __post_init__(self):
+        """Checks every rule now: a bare ("a", "b") pair or a bad regex would fail only at first use, cryptically."""
+        for field in ("to_torch_rules", "to_flax_rules"):
+            rules = getattr(self, field)
+            if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+                raise TypeError(f"NameMap.{field} must be a sequence of (regex, replacement) pairs, got {rules!r}")
+            for rule in rules:
+                if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and all(isinstance(r, str) for r in rule)):
+                    raise TypeError(f"NameMap.{field} holds {rule!r}; each rule is a (regex, replacement) pair of "
+                                    "str (one rule is written ((regex, replacement),))")
+                try:
+                    re.compile(rule[0])
+                except re.error as e:
+                    raise ValueError(f"NameMap.{field} rule {tuple(rule)!r}: {rule[0]!r} is not a valid regex: "
+                                     f"{e}") from None
+            object.__setattr__(self, field, tuple(tuple(r) for r in rules))
+
     def to_torch(self, flax_path: str) -> str:
         s = flax_path
         for pattern, repl in self.to_torch_rules:

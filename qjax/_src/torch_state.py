@@ -20,9 +20,10 @@ import numpy as np
 from qjax._src import adapters as ad
 from qjax._src import lora as L
 from qjax._src.bnb import bnb_state_dict, bnb_weight, from_bnb_state_dict
+from qjax._src.errors import named
 from qjax._src.lora_config import LoraConfig
 from qjax._src.names import LLAMA, NameMap
-from qjax._src.peft import load_safetensors, save_safetensors
+from qjax._src.peft import layer_lora_configs, load_safetensors, save_safetensors, scaling_problems
 from qjax._src.qarray import is_quantized
 from qjax._src.quantize import dequantize, quantize
 
@@ -56,10 +57,15 @@ def from_torch_state_dict(state_dict, *, name_map: NameMap = LLAMA) -> dict:
     bitsandbytes 4-bit weights become QuantizedArrays without requantizing; every other tensor is
     converted (Linear weights transposed to kernels). name_map turns torch module names into Flax
     paths (default: Hugging Face Llama names -> {"params": {"layers_0": ...}}).
-    Raises ValueError for keys it cannot place (naming them) and for damaged 4-bit entries.
+    Raises ValueError for keys it cannot place (naming them) and for damaged or incomplete 4-bit
+    entries (a uint8 weight or bitsandbytes statistics without their quant_state entry); TypeError
+    for a weight or bias that is not a float tensor (naming its key, shape and dtype).
     """
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict = load_safetensors(state_dict)
+    if not hasattr(state_dict, "items"):
+        raise TypeError(f"state_dict must be a dict of torch tensors / arrays or a .safetensors path, got "
+                        f"{type(state_dict).__name__}")
     sd = dict(state_dict)
     quantized = sorted({k.split(_QSTATE)[0] for k in sd if _QSTATE in k})
     out: dict = {}
@@ -78,6 +84,13 @@ def from_torch_state_dict(state_dict, *, name_map: NameMap = LLAMA) -> dict:
             raise ValueError(f"{wkey}: 4-bit weight has shape {q.storage_shape}; a Linear weight is 2-D")
         module = wkey.rsplit(".", 1)[0]
         _set_path(out, f"{name_map.to_flax(module)}/kernel", q)
+    orphans = [k for k in sd if k not in used and k.rsplit(".", 1)[-1] in _BNB_SUFFIXES
+               and k.rsplit(".", 1)[0].endswith(".weight")]
+    if orphans:
+        wkey = orphans[0].rsplit(".", 1)[0]
+        raise ValueError(f"{', '.join(named(k, _to_numpy(sd[k])) for k in orphans[:4])}: bitsandbytes 4-bit statistics "
+                         f"of {wkey!r}, but the state dict has no '{wkey}{_QSTATE}nf4|fp4' entry: its quant_state was "
+                         "dropped; save the state dict with every entry bitsandbytes writes")
     unknown = []
     for key, value in sd.items():
         if key in used:
@@ -87,6 +100,13 @@ def from_torch_state_dict(state_dict, *, name_map: NameMap = LLAMA) -> dict:
             continue
         module, leaf = key.rsplit(".", 1)
         x = _to_numpy(value)
+        if leaf in ("weight", "bias") and not (np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16"):
+            if x.dtype == np.uint8 and leaf == "weight":
+                raise ValueError(f"{named(key, x)} looks like a packed bitsandbytes 4-bit weight, but the state dict "
+                                 f"has no '{key}{_QSTATE}nf4|fp4' entry (nor absmax): its quant_state was dropped, and "
+                                 "read as is it would be a dense uint8 kernel; save it with its quantization state")
+            raise TypeError(f"{named(key, value if not hasattr(value, 'dtype') else x)} is not a float tensor: qjax "
+                            "reads float weights and bitsandbytes 4-bit entries (nf4 / fp4)")
         if leaf == "bias":
             name = "bias"
         elif leaf == "weight" and x.ndim == 1:
@@ -100,8 +120,8 @@ def from_torch_state_dict(state_dict, *, name_map: NameMap = LLAMA) -> dict:
             continue
         _set_path(out, f"{name_map.to_flax(module)}/{name}", jnp.asarray(x))
     if unknown:
-        raise ValueError(f"cannot place torch tensors {unknown[:10]} in a Flax tree (expected '<module>.weight' or "
-                         "'<module>.bias', or bitsandbytes 4-bit entries)")
+        raise ValueError(f"cannot place torch tensors {[named(k, _to_numpy(sd[k])) for k in unknown[:10]]} in a "
+                         "Flax tree (expected '<module>.weight' or '<module>.bias', or bitsandbytes 4-bit entries)")
     return out
 
 
@@ -192,9 +212,19 @@ def merged_state_dict(variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16,
     stacked_module: the scanned / vmapped module (a path component, as in `save_peft_adapter`);
       every leaf under it is split into one module per layer (`layers_0`, ... as an unscanned model
       names them). None: no splitting.
-    Raises ValueError for adapters without a kernel (or half a pair), and for kernels that are not
-    one torch Linear (per-expert stacks, nested scans), naming the module and shapes.
+    Raises ValueError for adapters without a kernel (or half a pair), adapters whose rank is not
+    lora_config.r or NNX layers that apply another scaling (the merge would use the wrong one), and
+    for kernels that are not one torch Linear (per-expert stacks, nested scans), naming the module
+    and shapes; TypeError when lora_config is not a LoraConfig or dtype is not a float dtype.
     """
+    if not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"lora_config must be a qjax.LoraConfig, got {type(lora_config).__name__}")
+    if not (np.issubdtype(np.dtype(dtype), np.floating) or np.dtype(dtype).name == "bfloat16"):
+        raise TypeError(f"dtype={np.dtype(dtype).name} is not a float dtype; merged weights are float tensors")
+    wrong = layer_lora_configs(variables) and scaling_problems(
+        lora_config, variables, lora_config, "lora_config passed", fix="pass the LoraConfig the model was converted with")
+    if wrong:
+        raise ValueError("the merged weights would use another scaling than the model applies: " + "; ".join(wrong))
     dtype = np.dtype(dtype)
     entries = list(_unstacked(_leaves(variables), stacked_module, ad.is_nnx(variables)))
     by_module: dict[str, dict] = {}
@@ -211,6 +241,10 @@ def merged_state_dict(variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16,
         pair = by_module.pop(module, None) if leaf == "kernel" else None
         if pair is not None:
             shapes = np.shape(pair["lora_a"]), np.shape(pair["lora_b"])
+            if shapes[0][-1] != lora_config.r:
+                raise ValueError(f"{module}: adapters of rank {shapes[0][-1]} (lora_a shape={shapes[0]}), but "
+                                 f"lora_config.r={lora_config.r}: its scaling is not the one these adapters were "
+                                 "trained with; pass the LoraConfig the model was converted with")
             if ad.stacked_axes(*shapes) != 0:
                 raise ValueError(f"{module}: stacked adapters (lora_a shape={shapes[0]}, lora_b shape={shapes[1]}) "
                                  "are not one torch Linear (per-expert layers, or a scan not named "
@@ -237,14 +271,21 @@ def save_merged(directory, variables, lora_config: LoraConfig, *, dtype=jnp.bflo
                 hf_config: dict | None = None, stacked_module: str | None = "layers") -> str:
     """Writes `merged_state_dict(...)` to directory/model.safetensors (+ config.json from hf_config).
 
-    With hf_config (e.g. `transformers.LlamaConfig(...).to_dict()`), the directory loads with
-    `transformers.AutoModelForCausalLM.from_pretrained(directory)`. Returns the weights' path.
+    With hf_config (a dict such as `transformers.LlamaConfig(...).to_dict()`, or the config object
+    itself), the directory loads with `transformers.AutoModelForCausalLM.from_pretrained(directory)`.
+    Returns the weights' path. Everything is checked before anything is written: TypeError for an
+    hf_config that is not a dict, and the errors of `merged_state_dict`.
     """
     import json
+    if hf_config is not None:
+        hf_config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else hf_config
+        if not isinstance(hf_config, dict):
+            raise TypeError(f"hf_config must be a dict such as transformers.LlamaConfig(...).to_dict(), got "
+                            f"{type(hf_config).__name__}")
+    sd = merged_state_dict(variables, lora_config, dtype=dtype, name_map=name_map, stacked_module=stacked_module)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(os.fspath(directory), "model.safetensors")
-    save_safetensors(path, merged_state_dict(variables, lora_config, dtype=dtype, name_map=name_map,
-                                             stacked_module=stacked_module), metadata={"format": "pt"})
+    save_safetensors(path, sd, metadata={"format": "pt"})
     if hf_config is not None:
         cfg = dict(hf_config)
         cfg["torch_dtype"] = cfg["dtype"] = np.dtype(dtype).name
