@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 
 def describe(x) -> str:
     """'shape=(4, 8) dtype=float32' for an array-like, 'type=str' for anything else."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):
+        if x.dtype == jax.dtypes.float0:  # numpy would call it void
+            return f"shape={tuple(np.shape(x))} dtype=float0"
         try:
             dtype = np.dtype(x.dtype).name
         except TypeError:  # extended dtypes (PRNG keys) have no numpy equivalent

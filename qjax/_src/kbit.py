@@ -6,9 +6,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax._src.adapters import is_nnx_module
 from qjax._src.qarray import is_quantized
 
 _HALF = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+
+def check_float_dtype(dtype, name: str) -> None:
+    """Raises TypeError unless `dtype` names a float dtype (what params are cast or merged to)."""
+    try:
+        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TypeError(f"{name} must be a float dtype (the params are cast to it), got {dtype!r}; "
+                        "pass jnp.float32 or jnp.bfloat16")
 
 
 def upcast_half_params(tree, dtype=jnp.float32):
@@ -17,7 +29,15 @@ def upcast_half_params(tree, dtype=jnp.float32):
     PEFT's `prepare_model_for_kbit_training` does this so norms, biases, embeddings and the head
     train and accumulate in float32 while the quantized kernels stay packed. Works on Linen
     variables, nnx.State and plain pytrees; integer leaves and QuantizedArrays are returned as is.
+    Raises TypeError for a non-float `dtype`, for None and for an NNX module (use
+    `qjax.nnx.prepare_for_kbit_training`, which casts in place).
     """
+    check_float_dtype(dtype, "dtype")
+    if tree is None or is_nnx_module(tree):
+        raise TypeError(f"expected a params / variables tree (Linen variables, nnx.State), got "
+                        f"{type(tree).__name__}" + ("; for an NNX model use qjax.nnx.prepare_for_kbit_training(model), "
+                                                    "which casts in place" if tree is not None else ""))
+
     def cast(x):
         if is_quantized(x) or not hasattr(x, "dtype") or np.dtype(x.dtype) not in _HALF:
             return x

@@ -6,17 +6,18 @@ import dataclasses
 import inspect
 import threading
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.core import unfreeze
+from flax.core import meta, unfreeze
 
 from qjax._src import lora as L
 from qjax._src.linen_lora import (LayerSpec, _call, _dense_general_batched_call, _einsum_module_call, _tuple,
                                   dense_general_plan, einsum_plan)
-from qjax._src.lora_config import LoraConfig
+from qjax._src.errors import describe, named
+from qjax._src.lora_config import LoraConfig, check_configs
 from qjax._src.policy import QuantConfig, path_str
 from qjax._src.qarray import is_quantized
 
@@ -152,7 +153,12 @@ def is_converted(model) -> bool:
 
 
 def _get(tree, path: Sequence[str]):
-    for k in path:
+    """tree[path[0]][path[1]]...; ValueError naming the path and what the tree holds where it stops."""
+    for i, k in enumerate(path):
+        if not isinstance(tree, Mapping) or k not in tree:
+            held = sorted(map(str, tree))[:8] if isinstance(tree, Mapping) else describe(tree)
+            raise ValueError(f"params/{'/'.join(path)}: the variables have no {k!r} at "
+                             f"params/{'/'.join(path[:i]) or ''} (it holds {held}); were they made for another model?")
         tree = tree[k]
     return tree
 
@@ -182,6 +188,43 @@ def _check_not_converted(model, params):
         if is_quantized(leaf) or name.rsplit("/", 1)[-1] in ("lora_a", "lora_b"):
             raise ValueError(f"params/{name} is already a QLoRA leaf ({'QuantizedArray' if is_quantized(leaf) else 'adapter'}); "
                              "the variables are already converted")
+
+
+def _is_key(x) -> bool:
+    """A typed jax key or a raw uint32 (2,) one (jax.random.PRNGKey)."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                                  or (dtype == jnp.uint32 and tuple(x.shape) == (2,)))
+
+
+def _check_fits(model, params, inputs, method) -> None:
+    """Raises ValueError listing the params that `model` called on `inputs` creates but `params` lacks,
+    or holds with another shape or a non-float dtype where the model creates a float one."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+    want = jax.eval_shape(lambda: meta.unbox(model.init(rngs, *args, method=method))).get("params", {})
+    have = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]}
+    missing, wrong = [], []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(want)[0]:
+        name = path_str(path)
+        got = have.get(name)
+        if got is None:
+            missing.append(f"params/{name}")
+        elif tuple(got.shape) != tuple(leaf.shape) or (jnp.issubdtype(leaf.dtype, jnp.inexact)
+                                                        and not jnp.issubdtype(got.dtype, jnp.inexact)):
+            wrong.append(f"{named('params/' + name, got)} where it creates shape={tuple(leaf.shape)} "
+                         f"dtype={jnp.dtype(leaf.dtype).name}")
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} params it creates are missing ({', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}; the variables' params hold {sorted(have)[:6]}"
+                         f"{' ...' if len(have) > 6 else ''})")
+        if wrong:
+            parts.append(f"{len(wrong)} do not fit: " + "; ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else ""))
+        raise ValueError(f"the variables do not fit {type(model).__name__} called on the given inputs: "
+                         + "; ".join(parts) + ". Pass the variables of this model (model.init) and inputs of "
+                         "the shapes it is trained on")
 
 
 def _trace_layers(model, variables, inputs, method, params) -> tuple[list[LayerSpec], dict[str, str]]:
@@ -322,14 +365,15 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
     selected einsum that is not a projection (with its equation and kernel shape; exclude it from
     LoRA and quantization to leave it alone).
     """
-    if lora_config is None and quant_config is None:
-        raise ValueError("convert needs a lora_config, a quant_config, or both")
+    check_configs(lora_config, quant_config)
     variables = unfreeze(variables)
     params = variables.get("params")
     if not params:
         raise ValueError("variables has no 'params' collection to convert")
     _check_not_converted(model, params)
     explicit = lora_config is not None and lora_config.target_modules != "all-linear"
+    if inputs is not None:
+        _check_fits(model, params, inputs, method)
     layers, unsupported = (_trace_layers(model, variables, inputs, method, params) if inputs is not None
                            else _params_layers(params, explicit))
     if not layers and not unsupported:
@@ -361,10 +405,15 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
                          f"its linear layers are {paths}")
     if any(s.lora for s in specs) and rng is None:
         raise ValueError("convert needs rng (a jax key) to initialize the LoRA adapters")
+    if rng is not None and not _is_key(rng):
+        raise TypeError(f"rng must be a jax key such as jax.random.key(0), got {describe(rng)}")
     keys = jax.random.split(rng, len(specs)) if rng is not None else [None] * len(specs)
     for spec, key in zip(specs, keys):
         where = spec.path.split("/")
         kernel = _get(params, where + ["kernel"])
+        if not jnp.issubdtype(kernel.dtype, jnp.floating):
+            raise TypeError(f"{named(f'params/{spec.path}/kernel', kernel)} is not a float kernel; only float "
+                            "kernels can be quantized or get adapters (exclude this layer or load float weights)")
         if spec.lora and spec.quantized and lora_config.init == "loftq":
             try:
                 q, a, b = _loftq(spec, kernel, lora_config, spec.quant_config)
@@ -395,9 +444,13 @@ def merge(qlora_model: nn.Module, qlora_variables, dtype=None, *, requantize: Qu
     Returns (model, variables): the original model class with plain dense kernels
     (*lead, *in, *out) in `dtype` (default: each kernel's original dtype) and no adapters; with
     `requantize`, a converted model without adapters whose merged kernels are quantized again.
+    Raises ValueError naming the layer path and shapes when qlora_variables do not fit the
+    conversion (a missing layer, a kernel or adapter of another shape or rank, missing adapters);
+    TypeError for a non-float dtype or a requantize that is not a QuantConfig.
     """
     if not is_converted(qlora_model):
         raise ValueError(f"{type(qlora_model).__name__} is not a model converted by qjax.linen.convert")
+    L.check_merge_args(dtype, requantize)
     spec: ConversionSpec = type(qlora_model)._qjax_spec
     variables = unfreeze(qlora_variables)
     params = variables["params"]
@@ -405,8 +458,13 @@ def merge(qlora_model: nn.Module, qlora_variables, dtype=None, *, requantize: Qu
     for layer in spec.layers:
         where = layer.path.split("/")
         node = _get(params, where)
-        kernel = node["kernel"]
+        kernel = _get(params, where + ["kernel"])
         a, b = node.pop("lora_a", None), node.pop("lora_b", None)
+        dense_shape = layer.lead + (L.EinsumPlan(layer.einsum).kernel_shape(layer.in_shape, layer.out_shape, layer.batch)
+                                    if layer.einsum is not None else layer.in_shape + layer.out_shape)
+        L.check_layer(f"params/{layer.path}", kernel, a, b, in_shape=layer.in_shape, out_shape=layer.out_shape,
+                      stack=layer.lead + layer.batch, r=spec.lora_config.r if layer.lora else None,
+                      dense_shape=dense_shape)
         node["kernel"] = _merged(layer, kernel, a, b, scaling, dtype or L.kernel_dtype(kernel))
     base_cls = type(qlora_model)._qjax_base_class
     model = _instantiate(base_cls, qlora_model)

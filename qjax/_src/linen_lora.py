@@ -20,6 +20,7 @@ from flax import linen as nn
 from flax.core import meta
 
 from qjax._src import lora as L
+from qjax._src.errors import describe
 from qjax._src.lora_config import LoraConfig
 from qjax._src.policy import QuantConfig
 from qjax._src.qarray import is_quantized
@@ -48,6 +49,20 @@ def _tuple(x) -> tuple:
     return tuple(x) if isinstance(x, Sequence) else (x,)
 
 
+def _check_stored(module: nn.Module, where: str, inputs, lora: LoraConfig | None, **shapes) -> None:
+    """ValueError naming the layer, the inputs and each stored leaf (kernel, lora_a, lora_b) that does not
+    fit a call on `inputs` (before `module.param` would report it as an initializer's shape)."""
+    if not module.has_variable("params", "kernel"):
+        return
+    present = [module.has_variable("params", n) for n in ("kernel", "lora_a", "lora_b")]
+    stored = [module.get_variable("params", n) if p else None for n, p in zip(("kernel", "lora_a", "lora_b"), present)]
+    # adapters set to None run the base alone (e.g. to compare with the base model): only absent ones are missing
+    disabled = present[1] and present[2] and stored[1] is None and stored[2] is None
+    has_adapters = lora is not None and not disabled and (stored[1] is not None or not module.is_initializing())
+    L.check_layer(f"params/{where} called on inputs {describe(inputs)}", *stored, r=lora.r if has_adapters else None,
+                  **shapes)
+
+
 def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraConfig | None,
           quant: QuantConfig | None, backend: str = "auto", deterministic: bool | None = None,
           flat_kernel_init: bool = False):
@@ -69,6 +84,8 @@ def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraC
             w = kernel_init(rng, in_shape + features, module.param_dtype)
         return meta.unbox(w)
 
+    L.check_layer_configs(lora, quant, where)
+    _check_stored(module, where, inputs, lora, in_shape=in_shape, out_shape=features)
     loftq = None
     if L.wants_loftq(lora, quant) and module.is_initializing() and not module.has_variable("params", "kernel"):
         # LoftQ init of a fresh layer: kernel and adapters come from the same dense kernel.
@@ -86,10 +103,6 @@ def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraC
                               L.init_adapters(rng, in_shape, features, lora.r, lora.init)[0])
         lora_b = module.param("lora_b", lambda rng: loftq[2] if loftq is not None else
                               L.init_adapters(rng, in_shape, features, lora.r, lora.init)[1])
-    expected = (int(np.prod(in_shape)), int(np.prod(features))) if is_quantized(kernel) else in_shape + features
-    if tuple(kernel.shape) != expected:
-        raise ValueError(f"{where}: kernel has shape {tuple(kernel.shape)}, expected {expected} for inputs "
-                         f"of shape {inputs.shape} and features={features}")
     param_dtype = L.kernel_dtype(kernel)
     out_dtype = module.dtype or jnp.promote_types(inputs.dtype, param_dtype)
     compute_dtype = (quant.compute_dtype if quant is not None and quant.compute_dtype is not None
@@ -121,6 +134,8 @@ def _einsum_call(module: nn.Module, inputs, plan: L.EinsumPlan, shape: tuple[int
         w = kernel_init(rng)
         return L.quantize_einsum_kernel(plan, w, quant) if quant is not None else w
 
+    L.check_layer_configs(lora, quant, where)
+    _check_stored(module, where, inputs, lora, in_shape=in_shape, out_shape=out_shape, stack=batch, dense_shape=shape)
     loftq = None
     if L.wants_loftq(lora, quant) and module.is_initializing() and not module.has_variable("params", "kernel"):
         L.check_rank(lora.r, in_shape, out_shape, where)
@@ -135,14 +150,6 @@ def _einsum_call(module: nn.Module, inputs, plan: L.EinsumPlan, shape: tuple[int
                               L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init, lead=batch)[0])
         lora_b = module.param("lora_b", lambda rng: loftq[2] if loftq is not None else
                               L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init, lead=batch)[1])
-    if is_quantized(kernel):
-        expected, got = (batch, (int(np.prod(in_shape)), int(np.prod(out_shape)))), (kernel.stack_shape, kernel.shape)
-    else:
-        expected, got = shape, tuple(kernel.shape)
-    if tuple(got) != tuple(expected):
-        raise ValueError(f"{where}: kernel has (stack, shape) {got}, expected {expected} for einsum_str "
-                         f"{plan.einsum_str!r} and kernel shape {shape}" if is_quantized(kernel) else
-                         f"{where}: kernel has shape {got}, expected {expected} for einsum_str {plan.einsum_str!r}")
     out_dtype = module.dtype or jnp.promote_types(inputs.dtype, L.kernel_dtype(kernel))
     compute_dtype = (quant.compute_dtype if quant is not None and quant.compute_dtype is not None
                      else out_dtype) if is_quantized(kernel) else out_dtype

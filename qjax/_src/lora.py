@@ -18,6 +18,7 @@ adapter pair per batch index; their products are vmapped over those axes.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from qjax._src.errors import describe
+from qjax._src.kbit import check_float_dtype
 from qjax._src.qarray import QuantizedArray, is_quantized
 from qjax._src.qmatmul import explicit_sharding, qmatmul
 from qjax._src.quantize import dequantize
@@ -42,6 +45,60 @@ def check_rank(r: int, in_shape: Sequence[int], out_shape: Sequence[int], where:
         raise ValueError(f"{where}: LoRA rank r={r} must be in [1, min(in={k}, out={n})={min(k, n)}] "
                          f"for a layer of in_shape={tuple(in_shape)} out_shape={tuple(out_shape)}; "
                          "lower LoraConfig.r or exclude this layer")
+
+
+def check_layer(where: str, kernel, lora_a, lora_b, *, in_shape: Sequence[int], out_shape: Sequence[int],
+                stack: Sequence[int] = (), r: int | None = None, dense_shape: Sequence[int] | None = None) -> None:
+    """Raises ValueError, naming `where` and every leaf that does not fit, for a layer's stored leaves.
+
+    kernel: a 2-D QuantizedArray (prod(in), prod(out)) stacked over `stack`, or dense of shape
+    `dense_shape` (default (*stack, *in, *out)); None skips it. r: the adapters'
+    rank (None: the layer has no adapters, lora_a / lora_b are not checked), lora_a
+    (*stack, *in, r), lora_b (*stack, r, *out).
+    """
+    in_shape, out_shape, stack = tuple(in_shape), tuple(out_shape), tuple(stack)
+    problems = []
+    if is_quantized(kernel):
+        want = (_prod(in_shape), _prod(out_shape))
+        if tuple(kernel.shape) != want or tuple(kernel.stack_shape) != stack:
+            problems.append(f"kernel is a QuantizedArray of shape {tuple(kernel.shape)} stacked "
+                            f"{tuple(kernel.stack_shape)}, expected shape {want} stacked {stack}")
+    elif kernel is not None:
+        want = tuple(dense_shape) if dense_shape is not None else stack + in_shape + out_shape
+        if tuple(np.shape(kernel)) != want:
+            problems.append(f"kernel ({describe(kernel)}) should have shape {want}")
+    if r is not None:
+        for name, x, want in (("lora_a", lora_a, stack + in_shape + (r,)), ("lora_b", lora_b, stack + (r,) + out_shape)):
+            if x is None:
+                problems.append(f"{name} is missing")
+            elif tuple(np.shape(x)) != want:
+                problems.append(f"{name} ({describe(x)}) should have shape {want}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems) + f" (a layer of in_shape={in_shape}, "
+                         f"out_shape={out_shape}{f', r={r}' if r is not None else ''}"
+                         f"{f', stacked {stack}' if stack else ''}); do the variables or the inputs belong to "
+                         "another model or LoraConfig?")
+
+
+def check_layer_configs(lora_config, quant_config, where: str) -> None:
+    """A QLoRA layer's lora_config (None or a LoraConfig) and quant_config (None or a QuantConfig); TypeError otherwise."""
+    from qjax._src.lora_config import LoraConfig
+    from qjax._src.policy import QuantConfig
+
+    for name, value, cls in (("lora_config", lora_config, LoraConfig), ("quant_config", quant_config, QuantConfig)):
+        if value is not None and not isinstance(value, cls):
+            raise TypeError(f"{where}: {name} must be a qjax.{cls.__name__} or None, got {value!r} ({describe(value)})")
+
+
+def check_merge_args(dtype, requantize) -> None:
+    """`merge`'s dtype (None or a float dtype: an int one would truncate the merged kernels) and
+    requantize (None or a QuantConfig); TypeError otherwise."""
+    from qjax._src.policy import QuantConfig
+
+    if dtype is not None:
+        check_float_dtype(dtype, "merge dtype")
+    if requantize is not None and not isinstance(requantize, QuantConfig):
+        raise TypeError(f"requantize must be a qjax.QuantConfig or None, got {requantize!r} ({describe(requantize)})")
 
 
 def init_adapters(key, in_shape: Sequence[int], out_shape: Sequence[int], r: int, init: str,
@@ -261,7 +318,11 @@ def _pattern_hits(path: str, pattern) -> bool:
 
 
 def select_layers(paths: Sequence[str], lora_config) -> list[str]:
-    """The module paths that get adapters; raises ValueError for a pattern that matches nothing.
+    """The module paths that get adapters.
+
+    Raises ValueError for a target pattern that matches nothing and for a config that selects no
+    layer at all (say "all-linear" minus an `exclude` of everything); warns for an `exclude`
+    pattern that matches no layer.
 
     "all-linear": every path whose last name is not an output head (HEAD_NAMES). Otherwise a path
     is chosen when a target pattern matches it in full or matches its trailing names. `exclude`
@@ -275,7 +336,16 @@ def select_layers(paths: Sequence[str], lora_config) -> list[str]:
                 raise ValueError(f"LoraConfig.target_modules pattern {pattern!r} matches no linear layer; "
                                  f"the linear layers are {list(paths)}")
         chosen = [p for p in paths if any(_pattern_hits(p, t) for t in lora_config.target_modules)]
-    return [p for p in chosen if not any(_pattern_hits(p, e) for e in lora_config.exclude)]
+    for pattern in lora_config.exclude:
+        if not any(_pattern_hits(p, pattern) for p in paths):  # PEFT warns too: likely a typo
+            warnings.warn(f"LoraConfig.exclude pattern {pattern!r} matches no linear layer, so it excludes nothing; "
+                          f"the linear layers are {list(paths)}", stacklevel=3)
+    kept = [p for p in chosen if not any(_pattern_hits(p, e) for e in lora_config.exclude)]
+    if not kept:
+        raise ValueError(f"LoraConfig(target_modules={lora_config.target_modules!r}, exclude={lora_config.exclude!r}) "
+                         f"selects no layer for adapters; the linear layers are {list(paths)}. Change the patterns, "
+                         "or pass lora_config=None to quantize without adapters")
+    return kept
 
 
 def vmap_lead(fn, lead: int):

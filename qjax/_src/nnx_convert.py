@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qjax._src import lora as L
-from qjax._src.lora_config import LoraConfig
+from qjax._src.errors import describe
+from qjax._src.lora_config import LoraConfig, check_configs, check_patterns
 from qjax._src.nnx_lora import BaseParam, QLoRAEinsum, QLoRALinear, QLoRALinearGeneral, _QLoRABase, einsum_plan
 from qjax._src.policy import QuantConfig
 
@@ -84,8 +85,10 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
     layers, a target pattern matching nothing, r larger than a layer's dimensions, or a selected
     einsum that is not a projection (exclude it from LoRA and quantization to leave it alone).
     """
-    if lora_config is None and quant_config is None:
-        raise ValueError("convert needs a lora_config, a quant_config, or both")
+    check_configs(lora_config, quant_config)
+    if rngs is not None and not isinstance(rngs, nnx.Rngs):
+        raise TypeError(f"rngs must be an nnx.Rngs, got {describe(rngs)}; pass nnx.Rngs(0) or "
+                        "nnx.Rngs(params=key)")
     _check_not_converted(model)
     found, unsupported = [], {}
     for parts, m in _find(model, _LINEAR_TYPES):
@@ -144,8 +147,10 @@ def merge(model, dtype=None, *, requantize: QuantConfig | None = None):
 
     Each layer becomes a plain nnx.Linear / nnx.LinearGeneral / nnx.Einsum with the dense merged kernel in
     `dtype` (default: the original kernel dtype), or, with `requantize`, a QLoRA layer without
-    adapters whose merged kernel is quantized again.
+    adapters whose merged kernel is quantized again. Raises TypeError for a non-float dtype or a
+    requantize that is not a QuantConfig, ValueError for adapters that do not fit their layer.
     """
+    L.check_merge_args(dtype, requantize)
     found = _find(model, _QLoRABase)
     if not found:
         raise ValueError(f"{type(model).__name__} holds no qjax QLoRA layer; nothing to merge")
@@ -185,18 +190,23 @@ def prepare_for_kbit_training(model, *, remat=None, dtype=jnp.float32):
     embeddings, the head) to `dtype` (the adapters are float32 already). `remat`: patterns of module
     paths (as in LoraConfig.target_modules, e.g. "blocks/*" or "layers") whose `__call__` is wrapped
     in `nnx.remat`, so their activations are recomputed in the backward pass.
+    Raises TypeError for a non-module, a remat that is not patterns, or a non-float dtype (before
+    casting anything); ValueError for remat patterns that match no module.
     """
-    from qjax._src.kbit import upcast_half_params
-    from qjax._src.policy import _as_patterns
+    from qjax._src.kbit import check_float_dtype, upcast_half_params
 
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"qjax.nnx.prepare_for_kbit_training takes an nnx.Module, got {type(model).__name__}; "
+                        "for Linen variables use qjax.prepare_for_kbit_training(variables)")
+    patterns = check_patterns(remat, "remat") if remat else ()
+    check_float_dtype(dtype, "dtype")  # before anything is cast
     for _, node in list(nnx.iter_graph(model)):
         if isinstance(node, nnx.Param) and not isinstance(node, BaseParam):
             value = node.get_value()
             new = upcast_half_params(value, dtype)
             if new is not value:
                 node.set_value(new)
-    if remat:
-        patterns = _as_patterns(remat, "remat")
+    if patterns:
         hits = [(parts, node) for parts, node in nnx.iter_graph(model)
                 if isinstance(node, nnx.Module) and parts
                 and any(L._pattern_hits(_path(parts), p) for p in patterns)]

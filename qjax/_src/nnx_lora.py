@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qjax._src import lora as L
+from qjax._src.errors import describe
 from qjax._src.lora_config import LoraConfig
 from qjax._src.policy import QuantConfig
 from qjax._src.qarray import is_quantized
@@ -33,11 +34,13 @@ class _QLoRABase(nnx.Module):
                lora_config, quant_config, backend, rngs, where, batch=()):
         """kernel: dense (*lead, *batch, *in, *out) (quantized here as one 2-D matrix per lead and batch
         index) or already quantized; batch: an einsum's batch axes (one matrix and adapter per index)."""
+        L.check_layer_configs(lora_config, quant_config, where)
         self.in_shape, self.out_shape, self.lead = tuple(in_shape), tuple(out_shape), tuple(lead)
         self.batch = tuple(batch)
         stack = self.lead + self.batch
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
         self.lora_config, self.quant_config, self.backend = lora_config, quant_config, backend
+        self.where = where
         self.use_bias = bias is not None
         loftq = None
         if lora_config is not None:
@@ -67,6 +70,27 @@ class _QLoRABase(nnx.Module):
         else:
             self.lora_dropout = nnx.data(None)
 
+    def _dense_shape(self) -> tuple[int, ...]:
+        """A dense (16-bit LoRA) kernel's shape without the stacked layers' axes: (*batch, *in, *out)."""
+        return self.batch + self.in_shape + self.out_shape
+
+    def _check(self, x) -> None:
+        """ValueError naming the layer, x and each leaf (set with `nnx.update` or `set_value`) that does not fit.
+
+        Inside `nnx.vmap` / `nnx.scan` over stacked layers the leaves come without the `lead` axes.
+        """
+        if x is not None and tuple(x.shape[x.ndim - len(self.in_shape):]) != self.in_shape:
+            raise ValueError(f"{self.where}: x ({describe(x)}) must end in the layer's in_shape {self.in_shape}")
+        kernel = self.kernel.get_value()
+        n_lead = len(kernel.stack_shape) - len(self.batch) if is_quantized(kernel) else \
+            jnp.ndim(kernel) - len(self._dense_shape())
+        lead = self.lead if n_lead == len(self.lead) else ()
+        lora = self.lora_config is not None
+        L.check_layer(self.where, kernel, self.lora_a.get_value() if lora and self.lora_a is not None else None,
+                      self.lora_b.get_value() if lora and self.lora_b is not None else None,
+                      in_shape=self.in_shape, out_shape=self.out_shape, stack=lead + self.batch,
+                      r=self.lora_config.r if lora else None, dense_shape=lead + self._dense_shape())
+
     def _operands(self, x):
         """(kernel, bias, out dtype, compute dtype of the base matmul) for input x."""
         kernel = self.kernel.get_value()
@@ -78,6 +102,7 @@ class _QLoRABase(nnx.Module):
         return kernel, bias, out_dtype, compute
 
     def _apply(self, x):
+        self._check(x)
         n_in = len(self.in_shape)
         kernel, bias, out_dtype, compute = self._operands(x)
         base = L.lora_linear(x, kernel, bias, None, None, n_in=n_in, out_shape=self.out_shape, scaling=0.0,
@@ -93,6 +118,7 @@ class _QLoRABase(nnx.Module):
 
     def _einsum_apply(self, x, plan: L.EinsumPlan):
         """The layer as the einsum `plan` (kernel (*batch, *in, *out) quantized, or dense in plan.rhs order)."""
+        self._check(None)
         kernel, bias, out_dtype, compute = self._operands(x)
         base = L.einsum_lora(x, plan, kernel, bias, None, None, out_shape=self.out_shape, scaling=0.0,
                              compute_dtype=compute, out_dtype=compute, precision=self.precision,
@@ -110,6 +136,7 @@ class _QLoRABase(nnx.Module):
 
     def merged_kernel(self, dtype=None) -> jax.Array:
         """W + scaling * A @ B as a dense (*lead, *batch, *in, *out) array (default: the kernel's original dtype)."""
+        self._check(None)
         kernel = self.kernel.get_value()
         a = self.lora_a.get_value() if self.lora_a is not None else None
         b = self.lora_b.get_value() if self.lora_b is not None else None
@@ -275,8 +302,12 @@ class QLoRAEinsum(_QLoRABase):
             raise ValueError(f"QLoRAEinsum was converted for {self.einsum_str!r}; called with {einsum_str!r}")
         return self._einsum_apply(x, L.EinsumPlan(self.einsum_str))
 
+    def _dense_shape(self) -> tuple[int, ...]:
+        return self.kernel_shape  # a dense Einsum kernel keeps its own layout
+
     def merged_kernel(self, dtype=None) -> jax.Array:
         """W + scaling * A @ B as a dense (*lead, *kernel_shape) array (default: the kernel's original dtype)."""
+        self._check(None)
         plan = L.EinsumPlan(self.einsum_str)
         kernel = self.kernel.get_value()
         a = self.lora_a.get_value() if self.lora_a is not None else None

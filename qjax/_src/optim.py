@@ -1,4 +1,5 @@
-"""optax helpers for adapter-only training: adapters_only(tx), split_adapters / merge_adapters.
+"""optax helpers for QLoRA training: adapters_only(tx), split_adapters / merge_adapters, and
+skip_nonfinite(tx) / raise_if_nonfinite(opt_state) against NaN/Inf steps.
 
 An adapter leaf is one whose key path names `lora_a` or `lora_b` (Linen params, NNX states and
 plain dicts alike); pass `is_adapter(path_str) -> bool` to choose otherwise. QuantizedArrays count
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 
 from qjax._src.adapters import ADAPTER_NAMES
+from qjax._src.errors import named
 from qjax._src.policy import path_str
 from qjax._src.qarray import is_quantized
 
@@ -78,7 +80,8 @@ def adapters_only(tx: optax.GradientTransformation,
                   is_adapter: Callable[[str], bool] = is_adapter_path) -> optax.GradientTransformation:
     """`tx` applied to the adapter leaves; zero updates and no state at all for everything else.
 
-    init(params): `tx.init` of the adapter leaves only, so the state is adapter-sized.
+    init(params): `tx.init` of the adapter leaves only, so the state is adapter-sized; raises
+    ValueError when params hold no adapter leaf (an unconverted model).
     update(updates, state, params): `updates` may be the whole tree (frozen leaves as float0 from
     `jax.grad(..., allow_int=True)`, as zeros, or anything) or hold the adapter leaves alone. The
     returned updates have the structure of `params` when given (otherwise of `updates`), with
@@ -88,7 +91,16 @@ def adapters_only(tx: optax.GradientTransformation,
     """
 
     def init_fn(params):
-        return AdaptersOnlyState(tx.init(_flat(params, is_adapter)))
+        flat = _flat(params, is_adapter)
+        if not flat:
+            names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf)[0]]
+            rule = (f"leaves whose path has a component named {' or '.join(map(repr, ADAPTER_NAMES))}"
+                    if is_adapter is is_adapter_path else f"leaves for which is_adapter={is_adapter!r} is True")
+            raise ValueError(f"adapters_only: found no adapter leaves ({rule}) among the {len(names)} leaves of "
+                             f"params ({names[:5]}{' ...' if len(names) > 5 else ''}); the optimizer would train "
+                             "nothing. Convert the model first (qjax.linen.convert / qjax.nnx.convert) and pass its "
+                             "params, or pass is_adapter=")
+        return AdaptersOnlyState(tx.init(flat))
 
     def update_fn(updates, state, params=None):
         flat_u = _flat(updates, is_adapter)
@@ -117,3 +129,121 @@ def adapters_only(tx: optax.GradientTransformation,
         return None
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+
+
+class SkipNonfiniteState(NamedTuple):
+    """State of `skip_nonfinite`: the inner state and int32 step counters (scalars).
+
+    count: updates seen. notfinite_count: consecutive skipped updates up to the last one (0 after
+    a finite step). total_notfinite: skipped updates in all.
+    """
+
+    inner: optax.OptState
+    count: jax.Array
+    notfinite_count: jax.Array
+    total_notfinite: jax.Array
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _all_finite(tree) -> jax.Array:
+    """True when every float leaf of tree is free of NaN and Inf (integer and float0 leaves ignored)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if _is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def _select(ok, new, old):
+    """new where ok, else old, leaf by leaf (non-array and float0 leaves: new)."""
+    def pick(n, o):
+        if not _is_array(n) or np.dtype(n.dtype) == jax.dtypes.float0:
+            return n
+        return jnp.where(ok, n, o)
+    return jax.tree_util.tree_map(pick, new, old)
+
+
+def _integer_leaves(tree) -> list[str]:
+    """'path (shape=... dtype=...)' of the integer, bool and float0 array leaves of tree."""
+    return [named(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if _is_array(x) and not jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """`tx` whose updates are skipped, whole, on any step with a NaN or Inf.
+
+    A step is bad when a float leaf of the incoming updates (gradients) or of `tx`'s outgoing
+    updates is not finite; it returns exact zeros (in each leaf's dtype) and the inner state
+    unchanged (so `tx`'s own step count and schedules do not advance), so
+    `optax.apply_updates(params, updates)` leaves the params as they were. Finite steps return
+    `tx`'s updates and state bit for bit. Unlike `optax.apply_if_finite`, a bad update is never
+    let through: call `raise_if_nonfinite(opt_state, max_consecutive)` on the host after each step
+    (or every few) to stop a run that does not recover. Works under `jax.jit` and composes with
+    `adapters_only` either way round, `optax.chain`, clipping and schedules. Integer and float0
+    leaves (a QuantizedArray's codes, `jax.grad(..., allow_int=True)`) are not checked.
+    State: SkipNonfiniteState. Raises TypeError, naming the leaves, when `tx` fails on integer or
+    float0 leaves (a plain optax optimizer over a QLoRA tree: wrap it in `adapters_only`).
+    """
+    tx = optax.with_extra_args_support(tx)
+
+    def init_fn(params):
+        zero = jnp.zeros([], jnp.int32)
+        return SkipNonfiniteState(tx.init(params), zero, zero, zero)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        try:
+            new_updates, new_inner = tx.update(updates, state.inner, params, **extra_args)
+        except TypeError as e:
+            frozen = _integer_leaves(updates)
+            if not frozen:
+                raise
+            raise TypeError(f"the optimizer cannot update integer / float0 leaves ({len(frozen)}: "
+                            f"{', '.join(frozen[:3])}{' ...' if len(frozen) > 3 else ''}): these are frozen "
+                            "QuantizedArray codes. Train the adapters only: wrap the optimizer in "
+                            f"qjax.optim.adapters_only(...). (The optimizer raised: {str(e).splitlines()[0]})") from e
+        ok = _all_finite(updates) & _all_finite(new_updates)
+        zeros = jax.tree_util.tree_map(lambda u: jnp.zeros_like(u) if _is_array(u) else u, new_updates)
+        bad = jnp.logical_not(ok).astype(jnp.int32)
+        return _select(ok, new_updates, zeros), SkipNonfiniteState(
+            _select(ok, new_inner, state.inner), state.count + 1, (state.notfinite_count + bad) * bad,
+            state.total_notfinite + bad)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _host_int(x) -> int:
+    return int(np.asarray(x.get_value() if hasattr(x, "get_value") else x))
+
+
+def raise_if_nonfinite(opt_state, max_consecutive: int = 5) -> int:
+    """Host-side stop for `skip_nonfinite`: raises once more than `max_consecutive` steps in a row were bad.
+
+    opt_state: any optimizer state holding a SkipNonfiniteState (nested in chains, `adapters_only`,
+    or an `nnx.Optimizer`, which may be passed itself). Reads three int32 scalars from the device.
+    Returns the number of steps skipped in all (for logging). Raises FloatingPointError naming the
+    step numbers (the params are those after the last finite step, fit to save) and ValueError when
+    opt_state holds no SkipNonfiniteState.
+    """
+    if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, (int, np.integer)) or max_consecutive < 0:
+        raise ValueError(f"max_consecutive must be an int >= 0, got {max_consecutive!r}")
+    tree = getattr(opt_state, "opt_state", opt_state)  # an nnx.Optimizer
+    found = [s for s in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, SkipNonfiniteState))
+             if isinstance(s, SkipNonfiniteState)]
+    if not found:
+        raise ValueError(f"raise_if_nonfinite: the {type(opt_state).__name__} holds no SkipNonfiniteState; build "
+                         "the optimizer with qjax.optim.skip_nonfinite(tx)")
+    total = 0
+    for s in found:
+        count, bad, total_bad = _host_int(s.count), _host_int(s.notfinite_count), _host_int(s.total_notfinite)
+        total += total_bad
+        if bad > max_consecutive:
+            raise FloatingPointError(
+                f"{bad} consecutive optimizer steps (steps {count - bad + 1} to {count}) had NaN/Inf gradients or "
+                f"updates, more than max_consecutive={max_consecutive}; skip_nonfinite skipped them ({total_bad} "
+                f"skipped in all), so the params and optimizer state are those after step {count - bad}. Lower the "
+                "learning rate, clip gradients (optax.clip_by_global_norm), or check the loss and the batches")
+    return total
