@@ -6,6 +6,11 @@
   otherwise                                -> qmatmul_triton (portable GEMM; Ampere's path)
 
 In interpret mode (CPU) the Mosaic GPU kernel cannot run, so M > 16 takes the Triton kernel.
+Traced where no GPU is visible (e.g. `jax.export(..., platforms=["cuda"])` from a CPU host) the
+target GPU's generation is unknown, so M > 16 takes the Triton kernel, which runs on Ampere and Hopper.
+
+`per_platform` makes the choice per lowering platform: CUDA gets the kernel, every other platform
+the fallback (qmatmul's XLA path), so one exported or multi-platform program takes each one's path.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import jax
 import numpy as np
 
 from qjax._src.qarray import QuantizedArray
-from qjax.kernels import _tiles, qmatmul_decode, qmatmul_mosaic, qmatmul_triton
+from qjax.kernels import _platform, _tiles, qmatmul_decode, qmatmul_mosaic, qmatmul_triton
 
 
 def _rows(x_shape) -> int:
@@ -80,3 +85,15 @@ def qmatmul(x, q: QuantizedArray, dtype, *, interpret: bool = False, precision=N
     if kernel == "mosaic":
         return qmatmul_mosaic.qmatmul_mosaic(x, q, compute_dtype=dtype)
     return qmatmul_triton.qmatmul_triton(x, q, compute_dtype=dtype, interpret=interpret, precision=precision)
+
+
+def per_platform(kernel, fallback, *args):
+    """kernel(*args) where the program is lowered for CUDA, fallback(*args) on every other platform.
+
+    Decided per lowering platform (`jax.lax.platform_dependent`), not from the host's default
+    backend: an export for ["cuda"] holds the kernel's custom call, one for ["cpu"] exactly the
+    fallback, one for ["cpu", "cuda"] both (the kernel lowered for CUDA alone, `_platform`).
+    Eagerly (no jit) only the branch of the default backend runs.
+    """
+    cuda = lambda *a: _platform.on_platform("cuda", kernel, *a)  # noqa: E731
+    return jax.lax.platform_dependent(*args, cuda=cuda, default=fallback)

@@ -7,6 +7,8 @@ Two backends share one `jax.custom_vjp`:
           stored last axis, so no transpose is materialized. The CPU path and the test oracle.
   pallas: the kernels in `qjax.kernels` (Mosaic GPU on Hopper, Triton elsewhere, a split-K
           GEMV kernel for M <= 16); `interpret=True` runs them on the CPU.
+  auto:   chosen per lowering platform (`qjax.kernels.dispatch.per_platform`): the kernels
+          where the program is lowered for CUDA, the xla path everywhere else.
 
 Gradients: `dx = dy @ W^T` runs through the same machinery: the xla path contracts the
 other stored axis, the Pallas path runs its kernels on the view `q.T` (no bytes move). The QuantizedArray is frozen: its cotangent is zeros (float0 for the integer
@@ -206,14 +208,24 @@ def xla_qmatmul(x, q: QuantizedArray, dtype, precision=None, adjoint: bool = Fal
 
 
 def _forward(x, q, dtype, backend, interpret, precision, adjoint=False):
-    if backend == "pallas":
-        from qjax.kernels import dispatch  # lazy: Pallas imports are slow and not needed on the CPU
+    def xla(x, q):
+        return xla_qmatmul(x, q, dtype, precision, adjoint)
 
+    if backend == "xla":
+        return xla(x, q)
+    from qjax.kernels import dispatch  # lazy: Pallas imports are slow and not needed on the CPU
+
+    w = dispatch.adjoint_view(q) if adjoint else q
+    if w is None or not dispatch.can_use(x.shape, w, dtype):
+        return xla(x, q)  # the backward of a weight whose adjoint no kernel takes (per-channel int8)
+
+    def kernel(x, q):
         w = dispatch.adjoint_view(q) if adjoint else q
-        if w is not None and dispatch.can_use(x.shape, w, dtype):
-            return dispatch.qmatmul(x, w, dtype, interpret=interpret, precision=precision)
-    # The xla path; also the backward of a weight whose adjoint no kernel takes (per-channel int8).
-    return xla_qmatmul(x, q, dtype, precision, adjoint)
+        return dispatch.qmatmul(x, w, dtype, interpret=interpret, precision=precision)
+
+    if backend == "pallas":
+        return kernel(x, q)
+    return dispatch.per_platform(kernel, xla, x, q)  # "auto": the kernels on CUDA, XLA elsewhere
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -244,23 +256,22 @@ _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
 def _resolve_backend(backend: str, x, q: QuantizedArray, dtype, interpret: bool) -> str:
+    """"xla", "pallas", or "auto" (decided per lowering platform in `_forward`)."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}. It needs to be one of {list(BACKENDS)}.")
     if backend == "xla":
         return "xla"
-    if backend == "auto":
-        if jax.default_backend() != "gpu":
-            return "xla"
-        from qjax.kernels import dispatch
-
-        return "pallas" if dispatch.can_use(x.shape, q, dtype) else "xla"
     from qjax.kernels import dispatch
 
+    if backend == "auto":
+        return "auto" if dispatch.can_use(x.shape, q, dtype) else "xla"
     dispatch.check(x.shape, q, dtype)  # raises naming the shape/layout a kernel cannot take
-    if not interpret and jax.default_backend() != "gpu":
+    # Traced (jit, export) the kernel is staged for whatever platform it is lowered for; an eager
+    # call runs on the default backend, where the kernels need a GPU.
+    if not interpret and not isinstance(x, jax.core.Tracer) and jax.default_backend() != "gpu":
         raise ValueError(f"backend='pallas' needs a CUDA GPU (the default backend is "
                          f"{jax.default_backend()!r}); pass interpret=True to emulate the kernels, "
-                         "or use backend='xla'.")
+                         "use backend='xla', or trace it for CUDA (jax.export(..., platforms=['cuda'])).")
     return "pallas"
 
 
@@ -304,8 +315,10 @@ def qmatmul(x, q: QuantizedArray, *, compute_dtype=None, backend: str = "auto", 
       imported from torch in `(out, in)` = `(N, K)` order; their codes are used as stored).
     compute_dtype: dtype of the weight fed to the matmul and of the result (default x.dtype);
       accumulation is float32.
-    backend: "xla" (jnp), "pallas" (the kernels in `qjax.kernels`), or "auto": Pallas on a GPU
-      when a kernel takes the shape and layout, XLA otherwise.
+    backend: "xla" (jnp), "pallas" (the kernels in `qjax.kernels`), or "auto": when a kernel takes
+      the shape and layout, the kernels where the program is lowered for CUDA and XLA on every other
+      platform, chosen per lowering platform (so `jax.export(..., platforms=["cuda"])` from a CPU
+      host holds the kernels); XLA otherwise.
     interpret: run the Pallas kernels in interpret mode (CPU emulation, for tests).
     precision: of the dots, as for `jax.lax.dot_general` (the XLA path's dots and the Triton-backend
       kernels'; on a GPU, HIGHEST keeps float32 products out of TF32).
