@@ -14,12 +14,14 @@ the k columns with the largest |x| gathered into a static (M, k) @ (k, N) produc
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax._src.qarray import QuantizedArray
+from qjax._src.errors import describe
+from qjax._src.qarray import QuantizedArray, check_leaves
 from qjax._src.quantize import check_float_array, dequantize
 
 _F32 = jnp.float32
@@ -59,15 +61,25 @@ def _weight_codes(w: QuantizedArray):
     return codes, w.absmax
 
 
-def _check(x, w) -> None:
+def _check(x, w, threshold, max_outliers) -> None:
     check_float_array(x, "x")
+    if np.ndim(x) == 0:
+        raise ValueError(f"x must have rank >= 1 (..., K), got {describe(x)}")
     if (not isinstance(w, QuantizedArray) or w.format != "int8" or w.blocksize is not None
             or w.ndim != 2 or w.double_quant):
         raise ValueError("int8_matmul needs w from qjax.quantize(W, 'int8', blocksize=None) with W of "
                          f"shape (K, N) and no double quantization, got {w!r}")
+    check_leaves(w, "int8_matmul w")
     if np.shape(x)[-1] != w.shape[0]:
-        raise ValueError(f"x shape={tuple(np.shape(x))} does not match w shape={w.shape}: "
+        raise ValueError(f"x ({describe(x)}) does not match w shape={w.shape}: "
                          f"x.shape[-1] must be K={w.shape[0]}")
+    if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold={threshold!r} must be a number >= 0, got {type(threshold).__name__}")
+    if not threshold >= 0:  # also refuses NaN, which would silently disable the decomposition
+        raise ValueError(f"threshold={threshold!r} must be >= 0 (0 disables the decomposition)")
+    if max_outliers is not None and (isinstance(max_outliers, (bool, np.bool_))
+                                     or not isinstance(max_outliers, (int, np.integer)) or max_outliers < 0):
+        raise TypeError(f"max_outliers={max_outliers!r} must be None or an int >= 0")
 
 
 def int8_matmul_reference(x, w: QuantizedArray, *, threshold: float = 6.0, max_outliers=None):
@@ -134,9 +146,8 @@ def int8_matmul(x, w: QuantizedArray, *, threshold: float = 6.0, max_outliers: i
       any number of outliers); an int k gathers the k columns of largest |x| (static shapes,
       k/K of the 16-bit work); outlier columns beyond k stay in the int8 path unzeroed.
     Returns (..., N) in x.dtype. Differentiable in x (gradient `g @ dequantize(W).T`, as
-    bitsandbytes'); W is frozen. Raises TypeError/ValueError for bad dtypes or shapes.
+    bitsandbytes'); W is frozen. Raises TypeError/ValueError for bad dtypes, shapes, leaves of w,
+    a threshold that is not a number >= 0, or max_outliers that is not None or an int >= 0.
     """
-    _check(x, w)
-    if threshold < 0:
-        raise ValueError(f"threshold={threshold!r} must be >= 0 (0 disables the decomposition)")
-    return _int8_matmul(jnp.asarray(x), w, float(threshold), max_outliers)
+    _check(x, w, threshold, max_outliers)
+    return _int8_matmul(jnp.asarray(x), w, float(threshold), None if max_outliers is None else int(max_outliers))

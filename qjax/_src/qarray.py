@@ -97,10 +97,27 @@ class QuantizedArray:
     def replace(self, **changes) -> "QuantizedArray":
         return dataclasses.replace(self, **changes)
 
+    def _as_dense(self, *_, **__):
+        raise TypeError(
+            f"a QuantizedArray (shape={self.shape} dtype={np.dtype(self.dtype).name}, {self.format}) was used "
+            "as a dense array: convert the model with qjax.linen.convert / qjax.nnx.convert, multiply "
+            "with qjax.qmatmul(x, q), or dequantize it first (qjax.dequantize / qjax.dequantize_params)")
+
+    # A model that was not converted gets that TypeError instead of an error deep inside jax, numpy or
+    # flax: jnp.asarray / jnp.dot / `@` / flax's promote_dtype call __jax_array__, and lax ops look it
+    # up with getattr while abstractifying (a property, so the lookup itself raises); numpy calls
+    # __array__; nnx.Linear reads `kernel[...]`.
+    __jax_array__ = property(_as_dense)
+    __array__ = _as_dense
+    __getitem__ = _as_dense
+
     def __repr__(self) -> str:
         nested = ", double_quant" if self.nested_absmax is not None else ""
         t = ", transposed" if self.transposed else ""
-        stacked = f", stack_shape={self.stack_shape}" if self.stack_shape else ""
+        try:
+            stacked = f", stack_shape={self.stack_shape}" if self.stack_shape else ""
+        except (TypeError, ValueError, IndexError):  # static data or leaves that do not fit (check_leaves says)
+            stacked = ", inconsistent leaves"
         return (f"QuantizedArray(format={self.format!r}, shape={self.shape}{stacked}, "
                 f"dtype={np.dtype(self.dtype).name}, blocksize={self.blocksize}{nested}{t})")
 
@@ -158,12 +175,23 @@ def leaf_shapes(shape: tuple[int, ...], fmt: str, blocksize: int | None, transpo
     return {"packed": packed, "absmax": absmax, "nested_absmax": nested, "offset": offset}
 
 
-def check_leaves(q: QuantizedArray, where: str = "") -> None:
-    """Raises ValueError if the children's shapes or dtypes disagree with the static data."""
+def check_leaves(q: QuantizedArray, where: str = "", stacked: bool = False) -> None:
+    """Raises ValueError if the children's shapes or dtypes disagree with the static data.
+
+    stacked: also accept leaves that all carry the same extra leading axes (`q.stack_shape`).
+    """
+    prefix = f"{where}: " if where else ""
+    static = _static_problems(q)
+    if static:
+        raise ValueError(f"{prefix}QuantizedArray has invalid static data: {static}")
     expected = leaf_shapes(q.shape, q.format, q.blocksize, q.transposed, q.double_quant)
     code_dtype = np.int8 if q.format == "int8" else np.uint8
     dtypes = {"packed": code_dtype, "absmax": np.uint8 if q.double_quant else np.float32,
               "nested_absmax": np.float32, "offset": np.float32}
+    stack = ()
+    if stacked and hasattr(q.packed, "shape"):
+        lead = len(np.shape(q.packed)) - len(expected["packed"])
+        stack = tuple(np.shape(q.packed))[:max(lead, 0)]
     problems = []
     for name, shape in expected.items():
         leaf = getattr(q, name)
@@ -174,9 +202,28 @@ def check_leaves(q: QuantizedArray, where: str = "") -> None:
         if leaf is None:
             problems.append(f"{name} is missing")
             continue
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            problems.append(f"{name} is a {type(leaf).__name__}, not an array")
+            continue
+        shape = stack + tuple(shape)
         if tuple(np.shape(leaf)) != shape or np.dtype(leaf.dtype) != dtypes[name]:
             problems.append(f"{name} has shape={tuple(np.shape(leaf))} dtype={np.dtype(leaf.dtype).name}, "
                             f"expected shape={shape} dtype={np.dtype(dtypes[name]).name}")
     if problems:
-        prefix = f"{where}: " if where else ""
         raise ValueError(f"{prefix}{q!r} has inconsistent leaves: " + "; ".join(problems))
+
+
+def _static_problems(q: QuantizedArray) -> str:
+    """What is wrong with q's static data (format, blocksize, shape, transposed), or ""."""
+    if q.format not in formats.FORMATS:
+        return f"format={q.format!r} is not one of {sorted(formats.FORMATS)}"
+    shape = q.shape
+    if not isinstance(shape, tuple) or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return f"shape={shape!r} is not a tuple of ints >= 0"
+    if q.blocksize is None and (q.format != "int8" or not shape):
+        return f"blocksize=None (per channel) needs format 'int8' and rank >= 1, got format={q.format!r} shape={shape}"
+    if q.blocksize is not None and q.blocksize not in formats.BLOCKSIZES:
+        return f"blocksize={q.blocksize!r} is not one of {list(formats.BLOCKSIZES)}"
+    if q.transposed and len(shape) < 2:
+        return f"transposed=True needs rank >= 2, got shape={shape}"
+    return ""

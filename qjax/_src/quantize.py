@@ -15,7 +15,7 @@ import numpy as np
 
 from qjax._src import formats
 from qjax._src.codes import code_index, lookup, pack_codes, unpack_codes
-from qjax._src.qarray import QuantizedArray, is_structured
+from qjax._src.qarray import QuantizedArray, check_leaves, is_structured
 from qjax._src.errors import describe
 
 _F32 = jnp.float32
@@ -30,8 +30,15 @@ _INV_127 = np.float32(1 / 127)
 
 def check_float_array(x, what: str = "x") -> None:
     """Raises TypeError/ValueError unless x is a non-empty float32/bfloat16/float16 array."""
-    if not hasattr(x, "dtype") or np.dtype(x.dtype) not in _FLOAT_DTYPES:
-        raise TypeError(f"{what} must be a float32, bfloat16 or float16 array, got {describe(x)}")
+    if isinstance(x, QuantizedArray):
+        raise TypeError(f"{what} is already quantized ({x!r}); dequantize it first (qjax.dequantize)")
+    if isinstance(x, jax.ShapeDtypeStruct):
+        raise TypeError(f"{what} is a jax.ShapeDtypeStruct ({describe(x)}), which holds no values; for the "
+                        "quantized shapes use jax.eval_shape(qjax.quantize, x) or "
+                        "jax.eval_shape(qjax.quantize_params, tree)")
+    if not hasattr(x, "dtype") or not hasattr(x, "shape") or np.dtype(x.dtype) not in _FLOAT_DTYPES:
+        fix = "; cast it first (x.astype(jnp.float32))" if hasattr(x, "dtype") and hasattr(x, "shape") else ""
+        raise TypeError(f"{what} must be a float32, bfloat16 or float16 array, got {describe(x)}{fix}")
     if math.prod(np.shape(x)) == 0:
         raise ValueError(f"{what} is empty ({describe(x)}); there is nothing to quantize")
 
@@ -43,17 +50,96 @@ def check_finite(x, what: str = "x") -> None:
     finite = jnp.isfinite(jnp.asarray(x))
     if not bool(jnp.all(finite)):
         bad = int(jnp.size(finite) - jnp.sum(finite))
-        raise ValueError(f"{what} ({describe(x)}) holds {bad} NaN/Inf value(s); "
-                         "quantizing it would give wrong codes")
+        raise ValueError(f"{what} ({describe(x)}) holds {bad} NaN/Inf value(s); quantizing it would give wrong codes")
 
 
-def check_blocksize(fmt: formats.Format, blocksize) -> None:
+def check_flag(value, name: str) -> bool:
+    """value as a Python bool; raises TypeError for anything but a bool (a string is truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}={value!r} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def as_blocksize(blocksize, name: str = "blocksize") -> int | None:
+    """blocksize as a Python int (numpy integers accepted) or None; raises TypeError otherwise."""
+    if blocksize is None:
+        return None
+    if isinstance(blocksize, (bool, np.bool_)) or not isinstance(blocksize, (int, np.integer)):
+        raise TypeError(f"{name}={blocksize!r} must be an int, one of {list(formats.BLOCKSIZES)}; "
+                        f"got {type(blocksize).__name__}")
+    return int(blocksize)
+
+
+def _check_8bit_blocksize(blocksize) -> int:
+    blocksize = as_blocksize(blocksize)
+    if blocksize not in formats.BLOCKSIZES:
+        raise ValueError(f"blocksize={blocksize!r} needs to be one of {list(formats.BLOCKSIZES)}")
+    return blocksize
+
+
+def check_blocksize(fmt: formats.Format, blocksize) -> int | None:
+    """blocksize as an int valid for fmt (None: per-channel, linear formats only); raises otherwise."""
+    blocksize = as_blocksize(blocksize)
     if blocksize is None and fmt.is_linear:
-        return
+        return None
     if blocksize not in formats.BLOCKSIZES:
         valid = list(formats.BLOCKSIZES) + (["None (per output channel)"] if fmt.is_linear else [])
         raise ValueError(f"blocksize={blocksize!r} is not valid for format {fmt.name!r}. "
                          f"It needs to be one of {valid}.")
+    return blocksize
+
+
+# ----------------------------------------------------------------------------- finiteness report
+
+# A quantizer returns a report next to its result: int32 (2,) [blocks whose absmax is NaN/Inf, _OVERFLOW_*
+# code]. It reads only the absmax (a NaN/Inf anywhere in a block makes its absmax NaN/Inf), so it costs
+# no pass over x and no temporary; `check_report` reads it on the host (concrete input) or in a
+# `jax.debug.callback` (traced input), so the same check runs eagerly, under jit, vmap and sharding.
+_OVERFLOW_NONE, _OVERFLOW_DOUBLE_QUANT, _OVERFLOW_INT8 = 0, 1, 2
+# int8 dequantizes as (code * absmax) / 127 (bitsandbytes' order), which overflows float32 above this
+_INT8_MAX_ABSMAX = np.float32(np.finfo(np.float32).max / 127)
+
+
+def _report(absmax, overflow=None):
+    bad = jnp.sum(~jnp.isfinite(absmax), dtype=jnp.int32)
+    code = jnp.int32(_OVERFLOW_NONE) if overflow is None else overflow.astype(jnp.int32)
+    return jnp.stack([bad, jnp.where(bad > 0, _OVERFLOW_NONE, code)])
+
+
+def _raise_if_bad(report, what: str, desc: str, blocks: int, x=None) -> None:
+    report = np.asarray(report).reshape(-1, 2)  # stacked (vmapped) layers: one row each
+    bad = int(report[:, 0].sum())
+    if bad:
+        if x is not None:  # concrete input: count the values themselves (only on this failure path)
+            count = f"{int(jnp.sum(~jnp.isfinite(jnp.asarray(x))))} NaN/Inf value(s)"
+        else:
+            count = f"NaN/Inf values in {bad} of its {blocks * len(report)} block(s)"
+        raise ValueError(f"{what} ({desc}) holds {count}; quantizing it would give wrong codes. Find where "
+                         "they come from, or replace them (jnp.nan_to_num) before quantizing")
+    codes = set(report[:, 1].tolist())
+    if _OVERFLOW_DOUBLE_QUANT in codes:
+        raise ValueError(f"{what} ({desc}): double quantization overflows float32 (the sum of its block "
+                         "absmax is not finite; bitsandbytes gives NaN here). Quantize it with "
+                         "double_quant=False")
+    if _OVERFLOW_INT8 in codes:
+        raise ValueError(f"{what} ({desc}) holds values above {_INT8_MAX_ABSMAX:.4g} in magnitude, where "
+                         "format 'int8' overflows float32 on dequantization (code * absmax); use a 4-bit "
+                         "format or scale the weight down")
+
+
+def check_report(report, what: str, x, blocks: int) -> None:
+    """Raises ValueError for a bad quantizer report: NaN/Inf input, or statistics that overflow.
+
+    report: the int32 (..., 2) report of a quantizer; what / x name the input in the message;
+    blocks: how many absmax blocks x has (the count under a trace is per block).
+    Concrete report: checked now (one scalar read; the message counts the NaN/Inf values).
+    Traced: checked when the computation runs, by a `jax.debug.callback`, whose ValueError jax
+    re-raises as a `JaxRuntimeError` quoting it.
+    """
+    if isinstance(report, jax.core.Tracer):
+        jax.debug.callback(functools.partial(_raise_if_bad, what=what, desc=describe(x), blocks=blocks), report)
+    else:
+        _raise_if_bad(report, what, describe(x), blocks, None if isinstance(x, jax.core.Tracer) else x)
 
 
 # ----------------------------------------------------------------------------- torch-order mean
@@ -172,6 +258,56 @@ def round_product(x):
     return jnp.where(x == x, x, jnp.zeros_like(x))
 
 
+# Above 2^126 the float32 reciprocal 1 / absmax is subnormal: torch keeps it, XLA on the CPU flushes it to
+# zero (which turned such blocks into zeros). `_normalise` rebuilds torch's value exactly instead.
+_HUGE_ABSMAX = np.float32(2.0**126)
+
+
+def _mul_limbs(a, b):
+    """(hi, lo) with a * b = hi * 2^24 + lo exactly, for uint32 a < 2^25 and b < 2^24 (12-bit limbs)."""
+    a1, a0, b1, b0 = a >> 12, a & 0xFFF, b >> 12, b & 0xFFF
+    mid = a1 * b0 + a0 * b1
+    lo = a0 * b0 + ((mid & 0xFFF) << 12)
+    return a1 * b1 + (mid >> 12) + (lo >> 24), lo & 0xFFFFFF
+
+
+def _reciprocal_ulps(a):
+    """round(2^149 / a) for float32 a in [2^126, 2^128): torch's subnormal 1 / a in units of 2^-149.
+
+    a = mant * 2^(e - 150), so 2^149 / a = 2^k / mant with k = 46 (a < 2^127) or 45. The float32
+    quotient q is within 1/4 of it, so the rounded value is floor(q) + 1 exactly when
+    (2 floor(q) + 1) * mant < 2^(k + 1), an integer comparison done in 12-bit limbs.
+    """
+    bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    mant = (bits & 0x7FFFFF) | 0x800000
+    low = (bits >> 23) == 253
+    c = jnp.floor(jnp.where(low, np.float32(2.0**46), np.float32(2.0**45)) / mant.astype(_F32))
+    hi, _ = _mul_limbs(2 * c.astype(jnp.uint32) + 1, mant)  # lo < 2^24 cannot tip a compare with 2^(k+1)
+    return c + (hi < jnp.where(low, np.uint32(2**23), np.uint32(2**22))).astype(_F32)
+
+
+def _normalise(blocks, absmax, signed_zero: bool = False):
+    """`blocks * (1 / absmax)` in float32 as torch computes it on the CPU; 0 where absmax is 0.
+
+    blocks: (..., blocksize) float32; absmax: (...,) float32. Blocks with absmax above 2^126 use
+    the subnormal reciprocal R * 2^-149 (`_reciprocal_ulps`) as ((x * 2^-64) * R) * 2^-85, every
+    step exact or one rounding, so the codes are bitsandbytes'. signed_zero: keep positive values
+    that torch leaves subnormal (|x| below ~1e-38 * absmax) positive, which picks fp4's second zero
+    code (both decode to 0.0; a product within one rounding of 2^-150 may still pick the other).
+    """
+    huge = absmax > _HUGE_ABSMAX
+    inv = jnp.where(huge, _reciprocal_ulps(jnp.where(huge, absmax, _HUGE_ABSMAX)),
+                    jnp.where(absmax > 0, 1.0 / absmax, 0.0))
+    pre = jnp.where(huge, np.float32(2.0**-64), np.float32(1))[..., None]
+    post = jnp.where(huge, np.float32(2.0**-85), np.float32(1))[..., None]
+    scaled = (blocks * pre) * inv[..., None]  # normal blocks: multiplying by 1 changes no bit
+    v = scaled * post
+    if signed_zero:
+        tiny = huge[..., None] & (scaled > np.float32(2.0**-65))
+        v = jnp.where(tiny, jnp.maximum(v, np.float32(2.0**-126)), v)
+    return v
+
+
 def _dynamic_index(v):
     """Code index of bitsandbytes' CPU 8-bit quantizer for normalised float32 v: #(thresholds <= v)."""
     thresholds = jnp.asarray(formats.DYNAMIC_THRESHOLDS)
@@ -193,25 +329,35 @@ def _blocks_of(flat, blocksize: int):
 def _quantize_blockwise(x, blocksize: int):
     blocks, n = _blocks_of(x.astype(_F32).reshape(-1), blocksize)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
-    inv = jnp.where(absmax > 0, 1.0 / absmax, 0.0)
-    codes = _dynamic_index(blocks * inv[:, None])
+    codes = _dynamic_index(_normalise(blocks, absmax))
     codes = jnp.where((absmax > 0)[:, None], codes, jnp.uint8(0))
     return codes.reshape(-1)[:n].reshape(x.shape), absmax
 
 
-def quantize_blockwise(x, *, blocksize: int = 256):
+@functools.partial(jax.jit, static_argnames=("blocksize",))
+def _quantize_blockwise_reported(x, blocksize: int):
+    codes, absmax = _quantize_blockwise(x, blocksize)
+    return (codes, absmax), _report(absmax)
+
+
+def quantize_blockwise(x, *, blocksize: int = 256, check_finite: bool = True):
     """8-bit blockwise "dynamic" quantization, bit-identical to bitsandbytes' `quantize_blockwise`.
 
     x: float32/bfloat16/float16 array of any shape; blocks of `blocksize` consecutive
     elements of its row-major flattening (the last block may be partial).
+    check_finite: raise ValueError for NaN/Inf in x, as `quantize` does (under jit: a
+      `jax.debug.callback`); False skips the check.
     Returns (codes, absmax): uint8 codes of x's shape (indices into `formats.DYNAMIC_CODE`)
     and float32 absmax of shape (ceil(x.size / blocksize),).
-    Raises TypeError for non-float input, ValueError for an invalid blocksize.
+    Raises TypeError for non-float input or a non-int blocksize, ValueError for an invalid
+    blocksize or (checked) NaN/Inf in x.
     """
     check_float_array(x)
-    if blocksize not in formats.BLOCKSIZES:
-        raise ValueError(f"blocksize={blocksize!r} needs to be one of {list(formats.BLOCKSIZES)}")
-    return _quantize_blockwise(jnp.asarray(x), blocksize)
+    blocksize = _check_8bit_blocksize(blocksize)
+    out, report = _quantize_blockwise_reported(jnp.asarray(x), blocksize)
+    if check_flag(check_finite, "check_finite"):
+        check_report(report, "x", x, out[1].shape[-1])
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "dtype"))
@@ -225,13 +371,30 @@ def _dequantize_blockwise(codes, absmax, blocksize: int, dtype):
 def dequantize_blockwise(codes, absmax, *, blocksize: int = 256, dtype=jnp.float32):
     """Inverse of `quantize_blockwise`: `code[codes] * absmax` in float32, cast to `dtype`.
 
-    codes: uint8 array; absmax: float32 (ceil(codes.size / blocksize),). Returns codes' shape.
+    codes: uint8 array; absmax: float32 (ceil(codes.size / blocksize),). Returns codes' shape in
+    dtype (a float dtype). Raises TypeError / ValueError naming the argument that does not fit.
     """
+    blocksize = _check_8bit_blocksize(blocksize)
+    for name, arr in (("codes", codes), ("absmax", absmax)):
+        if not (hasattr(arr, "shape") and hasattr(arr, "dtype")):
+            raise TypeError(f"dequantize_blockwise: {name} must be an array, got {describe(arr)}")
     expected = -(-math.prod(np.shape(codes)) // blocksize)
-    if np.dtype(codes.dtype) != np.uint8 or tuple(np.shape(absmax)) != (expected,):
-        raise ValueError(f"dequantize_blockwise needs uint8 codes and absmax of shape ({expected},); "
-                         f"got codes {describe(codes)}, absmax {describe(absmax)}")
-    return _dequantize_blockwise(codes, absmax, blocksize, np.dtype(dtype))
+    if (np.dtype(codes.dtype) != np.uint8 or np.dtype(absmax.dtype) != np.float32
+            or tuple(np.shape(absmax)) != (expected,)):
+        raise ValueError(f"dequantize_blockwise needs uint8 codes and float32 absmax of shape ({expected},) "
+                         f"for blocksize={blocksize}; got codes {describe(codes)}, absmax {describe(absmax)}")
+    return _dequantize_blockwise(codes, absmax, blocksize, float_dtype(dtype))
+
+
+def float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """dtype as a numpy float dtype; raises TypeError naming `name` for anything else."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{name}={dtype!r} must be a float dtype (jnp.float32, jnp.bfloat16, jnp.float16)")
+    return dt
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -244,13 +407,16 @@ def _stored(x, transposed: bool):
 def _quantize_codebook(stored, spec: formats.Format, blocksize: int):
     """Packed codes and float32 absmax of `stored` (row-major blocks)."""
     codebook = spec.codebook
+    # fp4 has two zero codes with a decision bound at 0.0 between them: the sign of a value that
+    # underflows decides which one bitsandbytes stores
+    signed_zero = bool(np.any(codebook.bounds == 0))
     xf = stored.astype(_F32)
     shape = stored.shape
     if is_structured(shape, spec.name, blocksize):
         blocks = xf.reshape(shape[:-1] + (shape[-1] // blocksize, blocksize))
         absmax = jnp.max(jnp.abs(blocks), axis=-1)
         # bitsandbytes multiplies by the float32 reciprocal (dividing differs in rare ties)
-        v = jnp.clip(blocks * jnp.where(absmax > 0, 1.0 / absmax, 0.0)[..., None], -1.0, 1.0)
+        v = jnp.clip(_normalise(blocks, absmax, signed_zero), -1.0, 1.0)
         return pack_codes(code_index(v, codebook).reshape(shape), spec.bits), absmax
     flat = xf.reshape(-1)
     n = flat.shape[0]
@@ -259,15 +425,18 @@ def _quantize_codebook(stored, spec: formats.Format, blocksize: int):
     if full:
         blocks = flat[:full].reshape(-1, blocksize)
         absmax = jnp.max(jnp.abs(blocks), axis=1)
-        inv = jnp.where(absmax > 0, 1.0 / absmax, 0.0)
-        values.append(jnp.clip(blocks * inv[:, None], -1.0, 1.0).reshape(-1))
+        values.append(jnp.clip(_normalise(blocks, absmax, signed_zero), -1.0, 1.0).reshape(-1))
         absmaxes.append(absmax)
     if n % blocksize:
         tail = flat[full:]
         am = jnp.max(jnp.abs(tail))
         # the partial block divides (full blocks multiply) and keeps a floor of 1e-38
-        values.append(jnp.clip(true_divide(tail, jnp.where(am > 0, am, 1.0)), -1.0, 1.0))
-        absmaxes.append(jnp.where(am > 0, am, _PARTIAL_ABSMAX_FLOOR)[None])
+        v = jnp.clip(true_divide(tail, jnp.where(am > 0, am, 1.0)), -1.0, 1.0)
+        if signed_zero:  # tail / am > 2^-150 (torch keeps it subnormal and positive), exactly
+            v = jnp.where(tail * np.float32(2.0**64) > am * np.float32(2.0**-86),
+                          jnp.maximum(v, np.float32(2.0**-126)), v)
+        values.append(v)
+        absmaxes.append(jnp.where(am == 0, _PARTIAL_ABSMAX_FLOOR, am)[None])  # a NaN stays NaN
     if n % spec.group:
         # bitsandbytes pads the normalised values with 0.0 (nf4: code 7); nf2/nf3 do the same
         values.append(jnp.zeros((-n % spec.group,), _F32))
@@ -314,45 +483,72 @@ def _nest(absmax):
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "blocksize", "double_quant", "transposed"))
-def _quantize(x, fmt: str, blocksize, double_quant: bool, transposed: bool) -> QuantizedArray:
+def _quantize(x, fmt: str, blocksize, double_quant: bool, transposed: bool):
     spec = formats.get_format(fmt)
     stored = _stored(x, transposed)
+    overflow = None
     if spec.is_linear:
         packed, absmax = _quantize_int8(stored, blocksize, transposed)
+        overflow = jnp.any(~jnp.isfinite(absmax * np.float32(127))) * _OVERFLOW_INT8
     else:
         packed, absmax = _quantize_codebook(stored, spec, blocksize)
     nested = offset = None
+    report = _report(absmax, overflow)
     if double_quant:
         absmax, nested, offset = _nest(absmax)
-    return QuantizedArray(packed=packed, absmax=absmax, nested_absmax=nested, offset=offset,
-                          format=fmt, blocksize=blocksize, shape=tuple(x.shape),
-                          dtype=np.dtype(x.dtype), transposed=transposed)
+        dq_bad = ~(jnp.isfinite(offset) & jnp.all(jnp.isfinite(nested)))
+        report = report.at[1].set(jnp.where(dq_bad & (report[0] == 0), _OVERFLOW_DOUBLE_QUANT, report[1]))
+    q = QuantizedArray(packed=packed, absmax=absmax, nested_absmax=nested, offset=offset,
+                       format=fmt, blocksize=blocksize, shape=tuple(x.shape),
+                       dtype=np.dtype(x.dtype), transposed=transposed)
+    return q, report
+
+
+def quantize_with_report(x, format: str = "nf4", *, blocksize: int | None = 64, double_quant: bool = False,
+                         transposed: bool = False):
+    """`quantize` without its finiteness check: (QuantizedArray, int32 (2,) report for `check_report`).
+
+    Validates the arguments (TypeError / ValueError naming them); callers that quantize many
+    arrays collect the reports and check them together.
+    """
+    spec = formats.get_format(format)
+    check_float_array(x)
+    blocksize = check_blocksize(spec, blocksize)
+    double_quant = check_flag(double_quant, "double_quant")
+    transposed = check_flag(transposed, "transposed")
+    if np.ndim(x) == 0:
+        raise ValueError(f"x must have rank >= 1 to be quantized, got {describe(x)}; "
+                         "keep scalars dense or quantize x.reshape(1)")
+    if transposed and np.ndim(x) < 2:
+        raise ValueError(f"transposed=True needs an array of rank >= 2, got {describe(x)}")
+    return _quantize(jnp.asarray(x), format, blocksize, double_quant, transposed)
 
 
 def quantize(x, format: str = "nf4", *, blocksize: int | None = 64, double_quant: bool = False,
-             transposed: bool = False) -> QuantizedArray:
+             transposed: bool = False, check_finite: bool = True) -> QuantizedArray:
     """Blockwise-quantizes an array, bit-identical to bitsandbytes.
 
-    x: float32, bfloat16 or float16 array of any shape.
+    x: float32, bfloat16 or float16 array of rank >= 1.
     format: "nf4" or "fp4" (bitsandbytes `quantize_4bit`), "nf3" or "nf2" (normal-float
       codes at 3 and 2 bits, same blocking and rounding rules; docs/loftq.md), or "int8"
       (symmetric, round(x * 127 / absmax)).
-    blocksize: 32 ... 4096 consecutive row-major elements per absmax; for "int8", None
+    blocksize: int, 32 ... 4096 consecutive row-major elements per absmax; for "int8", None
       gives one absmax per output channel (the last axis), as LLM.int8 stores weights.
     double_quant: quantize the absmax too (bitsandbytes' `compress_statistics`): 8-bit
       dynamic codes in blocks of 256 around their mean.
     transposed: store x's last two axes swapped, as torch stores an `(in, out)` kernel
       in `(out, in)`; `q.shape` stays x.shape (`q.T` is the untransposed view).
-    Returns a QuantizedArray. Raises TypeError for non-float x, ValueError for an unknown
-    format, an invalid blocksize, an empty x, or NaN/Inf in a concrete x.
+    check_finite: raise ValueError for NaN/Inf in x or statistics that overflow float32 (see
+      `check_report`: under jit the check is a `jax.debug.callback`, a host round trip per call;
+      False skips it, and then such input quantizes to garbage).
+    Returns a QuantizedArray. Raises TypeError for non-float x or a non-int blocksize,
+    ValueError for an unknown format, an invalid blocksize, an empty or 0-d x, or (checked) NaN/Inf.
     """
-    spec = formats.get_format(format)
-    check_float_array(x)
-    check_blocksize(spec, blocksize)
-    if transposed and np.ndim(x) < 2:
-        raise ValueError(f"transposed=True needs an array of rank >= 2, got {describe(x)}")
-    check_finite(x)
-    return _quantize(jnp.asarray(x), format, blocksize, double_quant, transposed)
+    q, report = quantize_with_report(x, format, blocksize=blocksize, double_quant=double_quant,
+                                     transposed=transposed)
+    if check_flag(check_finite, "check_finite"):
+        check_report(report, "x", x, q.num_blocks)
+    return q
 
 
 # ----------------------------------------------------------------------------- dequantize
@@ -429,11 +625,14 @@ def dequantize(q: QuantizedArray, dtype=None) -> jax.Array:
     """The dense array of `q`: `code[idx] * absmax` in float32, rounded to `dtype`.
 
     q: QuantizedArray of logical shape S (stacked: leaves with leading axes L).
-    dtype: output dtype (default `q.dtype`). Returns an array of shape S (stacked: L + S). Equals bitsandbytes' `dequantize_4bit` bit for bit.
+    dtype: float output dtype (default `q.dtype`). Returns an array of shape S (stacked: L + S).
+    Equals bitsandbytes' `dequantize_4bit` bit for bit. Raises TypeError for a non-QuantizedArray
+    or dtype, ValueError when q's leaves do not fit its static shape and format.
     """
     if not isinstance(q, QuantizedArray):
-        raise TypeError(f"dequantize needs a QuantizedArray, got {type(q).__name__}")
-    fn = functools.partial(_dequantize, dtype=np.dtype(dtype if dtype is not None else q.dtype))
+        raise TypeError(f"dequantize needs a QuantizedArray, got {describe(q)}")
+    check_leaves(q, "dequantize", stacked=True)
+    fn = functools.partial(_dequantize, dtype=float_dtype(dtype if dtype is not None else q.dtype))
     for _ in q.stack_shape:  # stacked layers: one dequantization per layer
         fn = jax.vmap(fn)
     return fn(q)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from qjax._src.policy import Pattern, QuantConfig, matches_any
+from qjax._src.policy import Pattern, QuantConfig, as_patterns, matches_any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +29,14 @@ class QuantRules:
 
     def __post_init__(self):
         normalised = []
-        for entry in self.rules:
+        if not isinstance(self.rules, Sequence) or isinstance(self.rules, str):
+            raise TypeError(f"QuantRules.rules must be a sequence of (patterns, QuantConfig | None), "
+                            f"got {type(self.rules).__name__}")
+        for i, entry in enumerate(self.rules):
             if not isinstance(entry, (tuple, list)) or len(entry) != 2:
                 raise TypeError(f"QuantRules.rules entries must be (patterns, QuantConfig | None), got {entry!r}")
             patterns, config = entry
-            patterns = (patterns,) if isinstance(patterns, str) or not isinstance(patterns, Sequence) \
-                else tuple(patterns)
+            patterns = as_patterns(patterns, f"QuantRules.rules[{i}] patterns") or ()
             if config is not None and not isinstance(config, QuantConfig):
                 raise TypeError(f"QuantRules rule for {patterns} needs a QuantConfig or None, "
                                 f"got {type(config).__name__}")
@@ -52,6 +54,13 @@ class QuantRules:
     def selects(self, path: str) -> bool:
         return self.config_for(path) is not None
 
+    def user_patterns(self) -> list[tuple[str, Pattern]]:
+        """(where, pattern) for the rules' patterns and their configs' (see QuantConfig.user_patterns)."""
+        out = [(f"rules[{i}]", p) for i, (patterns, _) in enumerate(self.rules) for p in patterns]
+        for c in self.configs:
+            out += [(f"config {field}", p) for field, p in c.user_patterns()]
+        return out
+
     @property
     def configs(self) -> tuple[QuantConfig, ...]:
         """Every distinct config the rules can return."""
@@ -68,7 +77,7 @@ def first_blocks(k: int, high: QuantConfig, low: QuantConfig, *,
     and NNX's / Llama's "layers/3/...". Leaves outside any block (e.g. a final projection)
     get `low`. Example: `first_blocks(4, QuantConfig(format="nf4"), QuantConfig(format="nf2"))`.
     """
-    if not isinstance(k, int) or k < 0:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k={k!r} must be an int >= 0")
     if k == 0:
         return QuantRules((), low)

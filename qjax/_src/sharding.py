@@ -28,8 +28,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qjax._src import formats
-from qjax._src.policy import QuantConfig, path_str, quantize_params
+from qjax._src.policy import QuantConfig, path_str, quantize_tree, warn_unmatched_patterns
 from qjax._src.qarray import QuantizedArray, _swap_last2, is_quantized, is_structured, leaf_shapes
+from qjax._src.quantize import check_flag, check_report
 
 SpecLike = Any  # PartitionSpec | None
 LORA_A, LORA_B, KERNEL = "lora_a", "lora_b", "kernel"
@@ -348,27 +349,50 @@ def shard_params(tree, mesh, spec, *, lora: bool | str = True):
     return jax.device_put(tree, params_sharding(tree, mesh, spec, lora=lora))
 
 
-def quantize_params_sharded(params, mesh, spec, config=None):
+def quantize_params_sharded(params, mesh, spec, config=None, *, check_finite: bool = True):
     """`quantize_params` run shard by shard under `jit`: no device holds a whole dense weight.
 
     params: dense params tree (arrays, ideally already sharded by `spec`: build them with
     `jit(init, out_shardings=params_sharding(...))` or restore them onto that sharding).
     spec: as in `params_sharding`, over the dense shapes; the dense inputs and the quantized
-    outputs both follow it (adapters derived from their kernels). config: QuantConfig
-    (default QuantConfig()).
+    outputs both follow it (adapters derived from their kernels). config: QuantConfig or
+    QuantRules (default QuantConfig()).
+    check_finite: after the jitted call, read every leaf's NaN/Inf count (one small transfer) and
+      raise ValueError naming the leaves (path, shape, dtype) that hold NaN/Inf or overflow.
     Returns the quantized tree, sharded. With double quantization the per-weight absmax mean
     (torch's summation order) reads all of one weight's float32 absmax (1/64 of its dense
     float32 bytes at blocksize 64), so that array is gathered; the codes never are.
+    Warns like `quantize_params` for patterns that match no parameter.
     """
     config = config if config is not None else QuantConfig()
-    fn = lambda p: quantize_params(p, config)
-    abstract_out = jax.eval_shape(fn, params)
+    check = check_flag(check_finite, "check_finite")
+
+    blocks = {}
+
+    def fn(p):
+        reports = {}
+
+        def keep(name, x, report, n):
+            reports[name], blocks[name] = report, n
+
+        return quantize_tree(p, config, keep), reports
+
+    abstract_out, abstract_reports = jax.eval_shape(fn, params)
+    warn_unmatched_patterns(config, params, abstract_out)
     specs = resolve_specs(params, spec)
     in_sh = params_sharding(params, mesh, specs)
     out_sh = params_sharding(abstract_out, mesh, specs)
+    report_sh = {name: NamedSharding(mesh, PartitionSpec()) for name in abstract_reports}
     # a no-op for inputs already sharded so; otherwise each device receives only its slice
     params = jax.device_put(params, in_sh)
-    return jax.jit(fn, out_shardings=out_sh)(params)
+    out, reports = jax.jit(fn, out_shardings=(out_sh, report_sh))(params)
+    if check and reports:
+        names = list(reports)
+        table = np.asarray(jax.device_get(jax.numpy.stack([reports[n] for n in names])))  # the one sync
+        leaves = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+        for name, row in zip(names, table):
+            check_report(row, f"parameter {name!r}", leaves[name], blocks[name])
+    return out
 
 
 def with_sharding_constraint(tree, mesh, spec):
