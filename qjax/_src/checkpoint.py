@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import shutil
 import zlib
 
@@ -28,6 +29,8 @@ from qjax._src.qarray import QuantizedArray, check_leaves, is_quantized
 from qjax._src.errors import CheckpointError, describe, named
 
 METADATA_KEY = "qjax"
+# how long `restore` keeps reading again while saves keep replacing the checkpoint under it
+_RACE_SECONDS = 120.0
 FORMAT_VERSION = 1
 _TREE_METADATA_FILE = "_METADATA"
 _CHILDREN = ("packed", "absmax", "nested_absmax", "offset")
@@ -461,17 +464,17 @@ def restore(path, target=None, *, item: str | None = None, verify: bool = True):
     files (named), leaves whose shape/dtype/format differ from the target, missing metadata, bad checksums.
     """
     where = os.fspath(path)
-    for attempt in range(5):
+    deadline = time.monotonic() + _RACE_SECONDS
+    while True:
         before = _identity(where)
         try:
             out = _restore_once(where, target, item, verify)
         except Exception:  # a swap mid-read mixes two checkpoints' files: whatever fails, read again
-            if attempt < 4 and _identity(where) != before:
+            if _identity(where) != before and time.monotonic() < deadline:
                 continue
             raise
-        if _identity(where) == before:
-            break
-    return out
+        if _identity(where) == before or time.monotonic() >= deadline:
+            return out
 
 
 def _restore_once(where: str, target, item: str | None, verify: bool):

@@ -8,8 +8,9 @@ import math
 import jax
 import numpy as np
 
+from qjax._src.errors import describe
 from qjax._src.policy import path_str
-from qjax._src.qarray import QuantizedArray, is_quantized
+from qjax._src.qarray import QuantizedArray, check_leaves, is_quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,15 +105,21 @@ def memory_footprint(tree) -> Footprint:
 
     Works on concrete arrays and on `jax.ShapeDtypeStruct` trees (e.g. from `jax.eval_shape`),
     so the footprint of a model too large to build can be read off its shapes.
+    Raises TypeError naming a leaf that is not an array (a str, an object), ValueError naming a
+    QuantizedArray whose leaves disagree with its static data.
     """
     rows = []
     for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]:
         name = path_str(path)
         if isinstance(x, QuantizedArray):
+            check_leaves(x, name, stacked=True)
             stack = x.stack_shape
             rows.append(LeafFootprint(name, "quantized", stack + tuple(x.shape), np.dtype(x.dtype).name,
                                       x.format, x.size * math.prod(stack), x.nbytes))
         elif hasattr(x, "dtype") and hasattr(x, "shape"):
             rows.append(LeafFootprint(name, "dense", tuple(np.shape(x)), np.dtype(x.dtype).name,
                                       None, math.prod(np.shape(x)), _nbytes(x)))
+        else:
+            raise TypeError(f"memory_footprint counts arrays, but leaf {name!r} is {describe(x)}: pass a tree "
+                            "of arrays, jax.ShapeDtypeStructs and QuantizedArrays")
     return Footprint(tuple(rows))
