@@ -47,7 +47,7 @@ def _mutate_array(x: np.ndarray, how: str, rng) -> np.ndarray:
     return x.astype({"float64": np.float64, "float16": np.float16, "int32": np.int32, "uint8": np.uint8}[how])
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=st.sampled_from([(16, 64), (9, 40), (64,)]), fmt=st.sampled_from(["nf4", "fp4"]),
        double_quant=st.booleans(), seed=st.integers(0, 2**31 - 1),
        target=st.sampled_from(["drop_key", "blob_field", "drop_field", "blob_bytes", "array"]),
@@ -119,7 +119,7 @@ def peft_source():
     return config, tensors, variables
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(target=st.sampled_from(["config_key", "drop_config_key", "config_junk", "tensor", "drop_tensor",
                                "extra_tensor"]),
