@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -17,6 +18,17 @@ def describe(x) -> str:
             dtype = str(x.dtype)
         return f"shape={tuple(np.shape(x))} dtype={dtype}"
     return f"type={type(x).__name__}"
+
+
+def float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """dtype as a numpy float dtype; raises TypeError naming `name` for anything else."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{name}={dtype!r} must be a float dtype (jnp.float32, jnp.bfloat16, jnp.float16)")
+    return dt
 
 
 def named(path, x) -> str:

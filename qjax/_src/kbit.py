@@ -7,20 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._src.adapters import is_nnx_module
+from qjax._src.errors import float_dtype
 from qjax._src.qarray import is_quantized
 
 _HALF = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
-
-
-def check_float_dtype(dtype, name: str) -> None:
-    """Raises TypeError unless `dtype` names a float dtype (what params are cast or merged to)."""
-    try:
-        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-    except TypeError:
-        ok = False
-    if not ok:
-        raise TypeError(f"{name} must be a float dtype (the params are cast to it), got {dtype!r}; "
-                        "pass jnp.float32 or jnp.bfloat16")
 
 
 def upcast_half_params(tree, dtype=jnp.float32):
@@ -32,7 +22,7 @@ def upcast_half_params(tree, dtype=jnp.float32):
     Raises TypeError for a non-float `dtype`, for None and for an NNX module (use
     `qjax.nnx.prepare_for_kbit_training`, which casts in place).
     """
-    check_float_dtype(dtype, "dtype")
+    float_dtype(dtype, "dtype")
     if tree is None or is_nnx_module(tree):
         raise TypeError(f"expected a params / variables tree (Linen variables, nnx.State), got "
                         f"{type(tree).__name__}" + ("; for an NNX model use qjax.nnx.prepare_for_kbit_training(model), "

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from qjax._src.errors import describe
-from qjax._src.kbit import check_float_dtype
+from qjax._src.errors import describe, float_dtype
 from qjax._src.qarray import QuantizedArray, is_quantized
 from qjax._src.qmatmul import explicit_sharding, qmatmul
 from qjax._src.quantize import dequantize
@@ -96,7 +95,7 @@ def check_merge_args(dtype, requantize) -> None:
     from qjax._src.policy import QuantConfig
 
     if dtype is not None:
-        check_float_dtype(dtype, "merge dtype")
+        float_dtype(dtype, "merge dtype")
     if requantize is not None and not isinstance(requantize, QuantConfig):
         raise TypeError(f"requantize must be a qjax.QuantConfig or None, got {requantize!r} ({describe(requantize)})")
 

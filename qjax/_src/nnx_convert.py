@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qjax._src import lora as L
-from qjax._src.errors import describe
+from qjax._src.errors import describe, float_dtype
 from qjax._src.lora_config import LoraConfig, check_configs, check_patterns
 from qjax._src.nnx_lora import BaseParam, QLoRAEinsum, QLoRALinear, QLoRALinearGeneral, _QLoRABase, einsum_plan
 from qjax._src.policy import QuantConfig
@@ -193,13 +193,13 @@ def prepare_for_kbit_training(model, *, remat=None, dtype=jnp.float32):
     Raises TypeError for a non-module, a remat that is not patterns, or a non-float dtype (before
     casting anything); ValueError for remat patterns that match no module.
     """
-    from qjax._src.kbit import check_float_dtype, upcast_half_params
+    from qjax._src.kbit import upcast_half_params
 
     if not isinstance(model, nnx.Module):
         raise TypeError(f"qjax.nnx.prepare_for_kbit_training takes an nnx.Module, got {type(model).__name__}; "
                         "for Linen variables use qjax.prepare_for_kbit_training(variables)")
     patterns = check_patterns(remat, "remat") if remat else ()
-    check_float_dtype(dtype, "dtype")  # before anything is cast
+    float_dtype(dtype, "dtype")  # before anything is cast
     for _, node in list(nnx.iter_graph(model)):
         if isinstance(node, nnx.Param) and not isinstance(node, BaseParam):
             value = node.get_value()

@@ -21,7 +21,7 @@ import re
 import numpy as np
 
 from qjax._src import adapters as ad
-from qjax._src.errors import describe, named
+from qjax._src.errors import describe, float_dtype, named
 from qjax._src.lora_config import LoraConfig
 from qjax._src.names import LLAMA, NameMap
 
@@ -200,8 +200,8 @@ def save_peft_adapter(directory, variables_or_model, lora_config: LoraConfig, *,
     """
     if not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a qjax.LoraConfig, got {type(lora_config).__name__}")
-    if dtype is not None and not (np.issubdtype(np.dtype(dtype), np.floating) or np.dtype(dtype).name == "bfloat16"):
-        raise TypeError(f"dtype={np.dtype(dtype).name} is not a float dtype; PEFT adapters are float tensors")
+    if dtype is not None:
+        float_dtype(dtype)  # PEFT adapters are float tensors
     groups = ad.modules(ad.flat_adapters(variables_or_model))
     wrong = scaling_problems(lora_config, variables_or_model, lora_config, "lora_config passed",
                              fix="pass the LoraConfig the model was converted with")

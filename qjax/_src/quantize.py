@@ -16,7 +16,7 @@ import numpy as np
 from qjax._src import formats
 from qjax._src.codes import code_index, lookup, pack_codes, unpack_codes
 from qjax._src.qarray import QuantizedArray, check_leaves, is_structured
-from qjax._src.errors import describe
+from qjax._src.errors import describe, float_dtype
 
 _F32 = jnp.float32
 # bitsandbytes clamps a zero absmax of the last partial block to this value (and stores it).
@@ -384,17 +384,6 @@ def dequantize_blockwise(codes, absmax, *, blocksize: int = 256, dtype=jnp.float
         raise ValueError(f"dequantize_blockwise needs uint8 codes and float32 absmax of shape ({expected},) "
                          f"for blocksize={blocksize}; got codes {describe(codes)}, absmax {describe(absmax)}")
     return _dequantize_blockwise(codes, absmax, blocksize, float_dtype(dtype))
-
-
-def float_dtype(dtype, name: str = "dtype") -> np.dtype:
-    """dtype as a numpy float dtype; raises TypeError naming `name` for anything else."""
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt is None or not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"{name}={dtype!r} must be a float dtype (jnp.float32, jnp.bfloat16, jnp.float16)")
-    return dt
 
 
 # ----------------------------------------------------------------------------- quantize

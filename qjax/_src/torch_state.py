@@ -20,7 +20,7 @@ import numpy as np
 from qjax._src import adapters as ad
 from qjax._src import lora as L
 from qjax._src.bnb import bnb_state_dict, bnb_weight, from_bnb_state_dict
-from qjax._src.errors import named
+from qjax._src.errors import float_dtype, named
 from qjax._src.lora_config import LoraConfig
 from qjax._src.names import LLAMA, NameMap
 from qjax._src.peft import layer_lora_configs, load_safetensors, save_safetensors, scaling_problems
@@ -219,8 +219,7 @@ def merged_state_dict(variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16,
     """
     if not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a qjax.LoraConfig, got {type(lora_config).__name__}")
-    if not (np.issubdtype(np.dtype(dtype), np.floating) or np.dtype(dtype).name == "bfloat16"):
-        raise TypeError(f"dtype={np.dtype(dtype).name} is not a float dtype; merged weights are float tensors")
+    float_dtype(dtype)  # merged weights are float tensors
     wrong = layer_lora_configs(variables) and scaling_problems(
         lora_config, variables, lora_config, "lora_config passed", fix="pass the LoraConfig the model was converted with")
     if wrong:
