@@ -175,7 +175,7 @@ def _rebuild(raw, entry: dict, where: str) -> QuantizedArray:
                        shape=tuple(entry["shape"]), dtype=_parse_dtype(entry["dtype"]),
                        transposed=bool(entry["transposed"]))
     try:
-        check_leaves(q, "/".join(map(str, entry["path"])))
+        check_leaves(q, "/".join(map(str, entry["path"])), stacked=True)  # scanned layers
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from None
     return q
