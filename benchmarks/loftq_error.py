@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qjax
-from qjax._src.loftq import relative_error
+from qjax._src.adapters.loftq import relative_error
 
 
 def weights(rng, shape, dist):

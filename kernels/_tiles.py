@@ -19,10 +19,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from qjax._src import formats
-from qjax._src.codes import lookup
-from qjax._src.qarray import QuantizedArray, check_leaves
-from qjax._src.quantize import absmax_f32, dequantize
+from qjax._src.core import formats
+from qjax._src.core.codes import lookup
+from qjax._src.core.qarray import QuantizedArray, check_leaves
+from qjax._src.core.quantize import absmax_f32, dequantize
 
 KERNEL_FORMATS = ("nf4", "fp4", "int8")
 _FLOAT_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))

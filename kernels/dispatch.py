@@ -20,7 +20,7 @@ import math
 import jax
 import numpy as np
 
-from qjax._src.qarray import QuantizedArray
+from qjax._src.core.qarray import QuantizedArray
 from qjax.kernels import _platform, _tiles, qmatmul_decode, qmatmul_mosaic, qmatmul_triton
 
 

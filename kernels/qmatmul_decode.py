@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from qjax._src.qarray import QuantizedArray
+from qjax._src.core.qarray import QuantizedArray
 from qjax.kernels import _tiles
 from qjax.kernels._tiles import reference  # noqa: F401  (the jnp oracle, beside the kernel)
 

@@ -63,8 +63,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from qjax._src.codes import lookup
-from qjax._src.qarray import QuantizedArray
+from qjax._src.core.codes import lookup
+from qjax._src.core.qarray import QuantizedArray
 from qjax.kernels import _tiles
 from qjax.kernels._tiles import reference  # noqa: F401  (the jnp oracle, beside the kernel)
 

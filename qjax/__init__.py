@@ -1,17 +1,17 @@
 """qjax: QLoRA for JAX. Quantized arrays bit-identical to bitsandbytes, fused kernels, Flax adapters."""
 
 from qjax import checkpoint, interop, linen, nnx, optim
-from qjax._src.kbit import prepare_for_kbit_training, upcast_half_params
-from qjax._src.footprint import Footprint, memory_footprint
-from qjax._src.formats import BLOCKSIZES, FORMATS
-from qjax._src.int8 import int8_matmul
-from qjax._src.loftq import loftq, loftq_init
-from qjax._src.lora_config import LoraConfig
-from qjax._src.policy import DEFAULT_SKIP, QuantConfig, dequantize_params, quantize_params
-from qjax._src.qarray import QuantizedArray, is_quantized
-from qjax._src.qmatmul import qmatmul
-from qjax._src.sharded_qmatmul import qmatmul_sharded
-from qjax._src.sharding import (
+from qjax._src.flax.kbit import prepare_for_kbit_training, upcast_half_params
+from qjax._src.core.footprint import Footprint, memory_footprint
+from qjax._src.core.formats import BLOCKSIZES, FORMATS
+from qjax._src.matmul.int8 import int8_matmul
+from qjax._src.adapters.loftq import loftq, loftq_init
+from qjax._src.adapters.config import LoraConfig
+from qjax._src.core.policy import DEFAULT_SKIP, QuantConfig, dequantize_params, quantize_params
+from qjax._src.core.qarray import QuantizedArray, is_quantized
+from qjax._src.matmul.qmatmul import qmatmul
+from qjax._src.matmul.sharded import qmatmul_sharded
+from qjax._src.sharding.specs import (
     lora_sharding,
     optimizer_sharding,
     params_sharding,
@@ -20,8 +20,8 @@ from qjax._src.sharding import (
     shard_params,
     with_sharding_constraint,
 )
-from qjax._src.quantize import dequantize, dequantize_blockwise, quantize, quantize_blockwise
-from qjax._src.rules import QuantRules, first_blocks
+from qjax._src.core.quantize import dequantize, dequantize_blockwise, quantize, quantize_blockwise
+from qjax._src.core.rules import QuantRules, first_blocks
 
 __version__ = "0.1.0"
 

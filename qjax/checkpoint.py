@@ -7,9 +7,9 @@ that `restore(path)` rebuilds QuantizedArrays without a target and detects damag
 plain orbax, pass `custom_metadata=qjax.checkpoint.tree_metadata(tree)` for the same effect.
 """
 
-from qjax._src.adapter_io import load_adapters, read_adapter_config, save_adapters
-from qjax._src.checkpoint import CheckpointError, read_metadata, restore, save, tree_metadata
-from qjax._src.resume import ResumeManager, ResumeState
+from qjax._src.io.adapter_io import load_adapters, read_adapter_config, save_adapters
+from qjax._src.io.checkpoint import CheckpointError, read_metadata, restore, save, tree_metadata
+from qjax._src.io.resume import ResumeManager, ResumeState
 
 __all__ = [
     "CheckpointError",

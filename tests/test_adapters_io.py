@@ -12,7 +12,7 @@ from qjax.checkpoint import CheckpointError
 
 
 def _adapters(v):
-    return {k: np.asarray(x) for k, x in qjax._src.adapters.flat_adapters(v).items()}
+    return {k: np.asarray(x) for k, x in qjax._src.adapters.tree.flat_adapters(v).items()}
 
 
 def test_roundtrip_onto_converted_model(rng, tmp_path):
@@ -20,8 +20,8 @@ def test_roundtrip_onto_converted_model(rng, tmp_path):
     trained = qlora_variables(rng, r=4)
     fresh = qlora_variables(rng, r=4, zero_b=True)  # same shapes, other base + adapters
     fresh = jax.tree.map(lambda a, b: a, trained, fresh, is_leaf=qjax.is_quantized)  # same base weights
-    fresh = qjax._src.adapters.replace_adapters(
-        fresh, {p: jnp.zeros_like(x) for p, x in qjax._src.adapters.flat_adapters(fresh).items()})
+    fresh = qjax._src.adapters.tree.replace_adapters(
+        fresh, {p: jnp.zeros_like(x) for p, x in qjax._src.adapters.tree.flat_adapters(fresh).items()})
     qjax.checkpoint.save_adapters(tmp_path / "ad", trained, cfg)
     # only the adapters are on disk: far less than the quantized base
     on_disk = sum(f.stat().st_size for f in (tmp_path / "ad").rglob("*") if f.is_file())

@@ -12,7 +12,7 @@ import qjax
 from helpers import nnx_train_mse
 import qjax.linen as ql
 import qjax.nnx as qn
-from qjax._src import lora as L
+from qjax._src.adapters import lora as L
 
 
 def _q(fmt, **kw):

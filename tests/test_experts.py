@@ -11,7 +11,7 @@ import qjax
 import qjax.linen as ql
 import qjax.nnx as qn
 from helpers import linen_train, nnx_train_mse
-from qjax._src import lora as L
+from qjax._src.adapters import lora as L
 
 F32 = qjax.QuantConfig(compute_dtype=jnp.float32)
 CFG = qjax.LoraConfig(r=4, alpha=8)

@@ -59,7 +59,7 @@ def _setup(model, rng, batch=(2, 3)):
 
 def _dequantized(params, spec):
     """The original params with every converted kernel replaced by its dequantized value."""
-    from qjax._src import lora as L
+    from qjax._src.adapters import lora as L
     params = jax.tree_util.tree_map(lambda x: x, params)
     for layer in spec.layers:
         node = params
@@ -210,7 +210,7 @@ def test_merge_matches_and_requantize(rng):
     x, v = _setup(model, rng)
     qm, qv = ql.convert(model, v, qjax.LoraConfig(r=4, init="gaussian"), F32, jax.random.key(1), inputs=(x,))
     qv = jax.tree_util.tree_map_with_path(
-        lambda p, a: a + 0.05 if qjax.optim.is_adapter_path(qjax._src.policy.path_str(p)) else a, qv,
+        lambda p, a: a + 0.05 if qjax.optim.is_adapter_path(qjax._src.core.policy.path_str(p)) else a, qv,
         is_leaf=qjax.is_quantized)
     y = qm.apply(qv, x)
     mm, mv = ql.merge(qm, qv)

@@ -8,7 +8,7 @@ import pytest
 
 import qjax
 from helpers import random_weights
-from qjax._src.loftq import low_rank, relative_error
+from qjax._src.adapters.loftq import low_rank, relative_error
 
 # Our nf4 codes are bit-identical to bitsandbytes' and the loop is PEFT's, so the two errors
 # differ only by float32 SVD rounding (LAPACK via torch vs XLA), which moves the relative

@@ -12,7 +12,7 @@ from flax import linen, nnx
 import qjax
 import qjax.linen as ql
 import qjax.nnx as qn
-from qjax._src import adapters as ad
+from qjax._src.adapters import tree as ad
 from qlora_trees import PROJ, apply, qlora_variables
 
 torch = pytest.importorskip("torch")

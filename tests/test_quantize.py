@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import qjax
-from qjax._src import formats
-from qjax._src.quantize import absmax_f32
+from qjax._src.core import formats
+from qjax._src.core.quantize import absmax_f32
 from helpers import random_weights
 
 FORMATS_4BIT = ["nf4", "fp4"]

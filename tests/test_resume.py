@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import qjax
-from qjax._src import adapters as ad
+from qjax._src.adapters import tree as ad
 from qlora_trees import apply, qlora_variables
 from qjax.checkpoint import CheckpointError, ResumeManager
 

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qjax._src.adapters import ADAPTER_NAMES
+from qjax._src.adapters.tree import ADAPTER_NAMES
 from qjax._src.errors import named
-from qjax._src.policy import path_str
-from qjax._src.qarray import is_quantized
+from qjax._src.core.policy import path_str
+from qjax._src.core.qarray import is_quantized
 
 
 def is_adapter_path(path: str) -> bool:

@@ -68,7 +68,7 @@ def _half_delete(d: str) -> None:
 
 
 def _install(mode: str, phase: str, fallback: bool) -> None:
-    from qjax._src import ckpt_files as files
+    from qjax._src.io import files as files
     if fallback:
         files.renameat2 = lambda src, dst, flags: False
     if mode == "resume":

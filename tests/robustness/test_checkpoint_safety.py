@@ -17,7 +17,7 @@ import pytest
 
 import _ckpt_writer as writer
 import qjax
-from qjax._src import ckpt_files as files
+from qjax._src.io import files as files
 from qjax.checkpoint import CheckpointError, ResumeManager
 
 WRITER = writer.__file__

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 import qjax
-from qjax._src import adapters as ad
+from qjax._src.adapters import tree as ad
 from qlora_trees import qlora_variables
 
 JSON_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True),

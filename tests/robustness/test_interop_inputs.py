@@ -11,7 +11,7 @@ from flax import nnx
 
 import qjax
 import qjax.nnx as qn
-from qjax._src import adapters as ad
+from qjax._src.adapters import tree as ad
 from qlora_trees import apply, qlora_variables
 
 F32 = qjax.QuantConfig(compute_dtype=jnp.float32)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import qjax
-from qjax._src import formats
+from qjax._src.core import formats
 from qjax._src.errors import describe
 
 pytestmark = pytest.mark.slow  # every example compiles its own quantizer: ~30 s per test on 2 cores

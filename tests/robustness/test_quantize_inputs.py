@@ -11,7 +11,7 @@ import pytest
 
 import qjax
 from helpers import random_weights
-from qjax._src import quantize as qz
+from qjax._src.core import quantize as qz
 
 F32_MAX = np.finfo(np.float32).max
 

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qjax._src import lora as L
+from qjax._src.adapters import lora as L
 from qjax._src.errors import describe
-from qjax._src.lora_config import LoraConfig
-from qjax._src.policy import QuantConfig
-from qjax._src.qarray import is_quantized
+from qjax._src.adapters.config import LoraConfig
+from qjax._src.core.policy import QuantConfig
+from qjax._src.core.qarray import is_quantized
 
 LoRAParam = nnx.LoRAParam
 

@@ -13,13 +13,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta, unfreeze
 
-from qjax._src import lora as L
-from qjax._src.linen_lora import (LayerSpec, _call, _dense_general_batched_call, _einsum_module_call, _tuple,
+from qjax._src.adapters import lora as L
+from qjax._src.flax.linen_layers import (LayerSpec, _call, _dense_general_batched_call, _einsum_module_call, _tuple,
                                   dense_general_plan, einsum_plan)
 from qjax._src.errors import describe, named
-from qjax._src.lora_config import LoraConfig, check_configs
-from qjax._src.policy import QuantConfig, path_str
-from qjax._src.qarray import is_quantized
+from qjax._src.adapters.config import LoraConfig, check_configs
+from qjax._src.core.policy import QuantConfig, path_str
+from qjax._src.core.qarray import is_quantized
 
 
 @dataclasses.dataclass(frozen=True)

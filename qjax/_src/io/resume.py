@@ -11,11 +11,11 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from qjax._src import adapters as ad
-from qjax._src import checkpoint as ck
-from qjax._src import ckpt_files as files
-from qjax._src.adapter_io import config_from_json, config_to_json
-from qjax._src.lora_config import LoraConfig
+from qjax._src.adapters import tree as ad
+from qjax._src.io import checkpoint as ck
+from qjax._src.io import files as files
+from qjax._src.io.adapter_io import config_from_json, config_to_json
+from qjax._src.adapters.config import LoraConfig
 
 RESUME_KEY = "qjax_resume"
 

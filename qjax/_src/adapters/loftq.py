@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax._src import formats
-from qjax._src.lora_config import LOFTQ_METHODS as _METHODS, LoraConfig
-from qjax._src.policy import QuantConfig
-from qjax._src.qarray import QuantizedArray
-from qjax._src.quantize import check_blocksize, check_finite, check_float_array, dequantize, quantize
+from qjax._src.core import formats
+from qjax._src.adapters.config import LOFTQ_METHODS as _METHODS, LoraConfig
+from qjax._src.core.policy import QuantConfig
+from qjax._src.core.qarray import QuantizedArray
+from qjax._src.core.quantize import check_blocksize, check_finite, check_float_array, dequantize, quantize
 
 _F32 = jnp.float32
 

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._src.errors import describe
-from qjax._src.qarray import QuantizedArray, check_leaves
-from qjax._src.quantize import check_float_array, dequantize
+from qjax._src.core.qarray import QuantizedArray, check_leaves
+from qjax._src.core.quantize import check_float_array, dequantize
 
 _F32 = jnp.float32
 # bitsandbytes' int8_mm_dequant constant: 1 / (127 * 127) as a float32 literal.

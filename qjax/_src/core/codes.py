@@ -11,7 +11,7 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-from qjax._src.formats import Codebook
+from qjax._src.core.formats import Codebook
 
 
 def lookup(idx, table: Sequence[float], dtype=jnp.float32):

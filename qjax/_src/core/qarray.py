@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from qjax._src import formats
+from qjax._src.core import formats
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

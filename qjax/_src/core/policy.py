@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax._src import formats
+from qjax._src.core import formats
 from qjax._src.errors import float_dtype, named
-from qjax._src.qarray import QuantizedArray, is_quantized
-from qjax._src.quantize import (check_blocksize, check_flag, check_report, dequantize, quantize,
+from qjax._src.core.qarray import QuantizedArray, is_quantized
+from qjax._src.core.quantize import (check_blocksize, check_flag, check_report, dequantize, quantize,
                                 quantize_with_report)
 
 Pattern = Union[str, "re.Pattern[str]"]

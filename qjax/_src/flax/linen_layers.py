@@ -19,11 +19,11 @@ import numpy as np
 from flax import linen as nn
 from flax.core import meta
 
-from qjax._src import lora as L
+from qjax._src.adapters import lora as L
 from qjax._src.errors import describe
-from qjax._src.lora_config import LoraConfig
-from qjax._src.policy import QuantConfig
-from qjax._src.qarray import is_quantized
+from qjax._src.adapters.config import LoraConfig
+from qjax._src.core.policy import QuantConfig
+from qjax._src.core.qarray import is_quantized
 
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from qjax._src.policy import path_keys
-from qjax._src.qarray import is_quantized
+from qjax._src.core.policy import path_keys
+from qjax._src.core.qarray import is_quantized
 
 ADAPTER_NAMES = ("lora_a", "lora_b")
 

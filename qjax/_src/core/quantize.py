@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax._src import formats
-from qjax._src.codes import code_index, lookup, pack_codes, unpack_codes
-from qjax._src.qarray import QuantizedArray, check_leaves, is_structured
+from qjax._src.core import formats
+from qjax._src.core.codes import code_index, lookup, pack_codes, unpack_codes
+from qjax._src.core.qarray import QuantizedArray, check_leaves, is_structured
 from qjax._src.errors import describe, float_dtype
 
 _F32 = jnp.float32

@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 
-from qjax._src import formats
+from qjax._src.core import formats
 from qjax._src.errors import describe
-from qjax._src.qarray import QuantizedArray, _swap_last2, check_leaves, leaf_shapes
+from qjax._src.core.qarray import QuantizedArray, _swap_last2, check_leaves, leaf_shapes
 
 _BNB_DTYPES = {"float32": np.dtype("float32"), "float16": np.dtype("float16")}
 

@@ -7,11 +7,11 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from qjax._src import lora as L
+from qjax._src.adapters import lora as L
 from qjax._src.errors import describe, float_dtype
-from qjax._src.lora_config import LoraConfig, check_configs, check_patterns
-from qjax._src.nnx_lora import BaseParam, QLoRAEinsum, QLoRALinear, QLoRALinearGeneral, _QLoRABase, einsum_plan
-from qjax._src.policy import QuantConfig
+from qjax._src.adapters.config import LoraConfig, check_configs, check_patterns
+from qjax._src.flax.nnx_layers import BaseParam, QLoRAEinsum, QLoRALinear, QLoRALinearGeneral, _QLoRABase, einsum_plan
+from qjax._src.core.policy import QuantConfig
 
 _LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
@@ -193,7 +193,7 @@ def prepare_for_kbit_training(model, *, remat=None, dtype=jnp.float32):
     Raises TypeError for a non-module, a remat that is not patterns, or a non-float dtype (before
     casting anything); ValueError for remat patterns that match no module.
     """
-    from qjax._src.kbit import upcast_half_params
+    from qjax._src.flax.kbit import upcast_half_params
 
     if not isinstance(model, nnx.Module):
         raise TypeError(f"qjax.nnx.prepare_for_kbit_training takes an nnx.Module, got {type(model).__name__}; "

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax._src import adapters as ad
-from qjax._src import checkpoint as ck
-from qjax._src import ckpt_files as files
-from qjax._src.lora_config import LoraConfig
+from qjax._src.adapters import tree as ad
+from qjax._src.io import checkpoint as ck
+from qjax._src.io import files as files
+from qjax._src.adapters.config import LoraConfig
 
 ADAPTERS_KEY = "qjax_adapters"
 # Fields that change what the stored adapters compute; dropout / init / loftq_* do not.
@@ -161,7 +161,7 @@ def load_adapters(path, variables_or_model, lora_config: LoraConfig | None = Non
                 rank = f" (LoRA rank r={s[0]} in the checkpoint, r={m[0]} in the model)"
             problems.append(f"{_name(p)}: checkpoint shape={s}, model shape={m}{rank}")
     if not problems:
-        from qjax._src.peft import scaling_problems  # the same check as PEFT files get
+        from qjax._src.io.peft import scaling_problems  # the same check as PEFT files get
         problems = scaling_problems(saved_config, variables_or_model, lora_config, "checkpoint")
     if problems:
         raise ck.CheckpointError(f"adapter checkpoint {where!r} does not fit this model:\n  " + "\n  ".join(problems))

@@ -17,15 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax._src import adapters as ad
-from qjax._src import lora as L
-from qjax._src.bnb import bnb_state_dict, bnb_weight, from_bnb_state_dict
+from qjax._src.adapters import tree as ad
+from qjax._src.adapters import lora as L
+from qjax._src.io.bnb import bnb_state_dict, bnb_weight, from_bnb_state_dict
 from qjax._src.errors import float_dtype, named
-from qjax._src.lora_config import LoraConfig
-from qjax._src.names import LLAMA, NameMap
-from qjax._src.peft import layer_lora_configs, load_safetensors, save_safetensors, scaling_problems
-from qjax._src.qarray import is_quantized
-from qjax._src.quantize import dequantize, quantize
+from qjax._src.adapters.config import LoraConfig
+from qjax._src.io.names import LLAMA, NameMap
+from qjax._src.io.peft import layer_lora_configs, load_safetensors, save_safetensors, scaling_problems
+from qjax._src.core.qarray import is_quantized
+from qjax._src.core.quantize import dequantize, quantize
 
 _QSTATE = ".quant_state.bitsandbytes__"
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from qjax._src.policy import Pattern, QuantConfig, as_patterns, matches_any
+from qjax._src.core.policy import Pattern, QuantConfig, as_patterns, matches_any
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,10 +27,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qjax._src import formats
-from qjax._src.policy import QuantConfig, path_str, quantize_tree, warn_unmatched_patterns
-from qjax._src.qarray import QuantizedArray, _swap_last2, is_quantized, is_structured, leaf_shapes
-from qjax._src.quantize import check_flag, check_report
+from qjax._src.core import formats
+from qjax._src.core.policy import QuantConfig, path_str, quantize_tree, warn_unmatched_patterns
+from qjax._src.core.qarray import QuantizedArray, _swap_last2, is_quantized, is_structured, leaf_shapes
+from qjax._src.core.quantize import check_flag, check_report
 
 SpecLike = Any  # PartitionSpec | None
 LORA_A, LORA_B, KERNEL = "lora_a", "lora_b", "kernel"

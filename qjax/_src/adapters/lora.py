@@ -27,10 +27,10 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from qjax._src.errors import describe, float_dtype
-from qjax._src.qarray import QuantizedArray, is_quantized
-from qjax._src.qmatmul import explicit_sharding, qmatmul
-from qjax._src.quantize import dequantize
-from qjax._src.sharded_qmatmul import qmatmul_sharded
+from qjax._src.core.qarray import QuantizedArray, is_quantized
+from qjax._src.matmul.qmatmul import explicit_sharding, qmatmul
+from qjax._src.core.quantize import dequantize
+from qjax._src.matmul.sharded import qmatmul_sharded
 
 
 def _prod(shape: Sequence[int]) -> int:
@@ -81,8 +81,8 @@ def check_layer(where: str, kernel, lora_a, lora_b, *, in_shape: Sequence[int], 
 
 def check_layer_configs(lora_config, quant_config, where: str) -> None:
     """A QLoRA layer's lora_config (None or a LoraConfig) and quant_config (None or a QuantConfig); TypeError otherwise."""
-    from qjax._src.lora_config import LoraConfig
-    from qjax._src.policy import QuantConfig
+    from qjax._src.adapters.config import LoraConfig
+    from qjax._src.core.policy import QuantConfig
 
     for name, value, cls in (("lora_config", lora_config, LoraConfig), ("quant_config", quant_config, QuantConfig)):
         if value is not None and not isinstance(value, cls):
@@ -92,7 +92,7 @@ def check_layer_configs(lora_config, quant_config, where: str) -> None:
 def check_merge_args(dtype, requantize) -> None:
     """`merge`'s dtype (None or a float dtype: an int one would truncate the merged kernels) and
     requantize (None or a QuantConfig); TypeError otherwise."""
-    from qjax._src.policy import QuantConfig
+    from qjax._src.core.policy import QuantConfig
 
     if dtype is not None:
         float_dtype(dtype, "merge dtype")
@@ -155,7 +155,7 @@ def loftq_kernel(kernel, n_in: int, lora_config, quant_config, lead: int = 0):
     leaves, like `quantize_kernel`), lora_a (*lead, *in, r), lora_b (*lead, r, *out), float32, with
     `x . deq(q) + scaling * x . lora_a . lora_b ≈ x . kernel`.
     """
-    from qjax._src.loftq import loftq_init
+    from qjax._src.adapters.loftq import loftq_init
 
     shape = tuple(kernel.shape)
     in_shape, out_shape = shape[lead:lead + n_in], shape[lead + n_in:]
@@ -199,7 +199,7 @@ def base_matmul(x, kernel, *, n_in: int, out_shape: Sequence[int], compute_dtype
     """
     batch = x.shape[:x.ndim - n_in]
     if int8_threshold is not None and is_quantized(kernel):
-        from qjax._src.int8 import int8_matmul
+        from qjax._src.matmul.int8 import int8_matmul
         x2 = jnp.reshape(x, batch + (_prod(x.shape[x.ndim - n_in:]),)).astype(compute_dtype)
         y = int8_matmul(x2, kernel, threshold=int8_threshold)
         return jnp.reshape(y.astype(compute_dtype), batch + tuple(out_shape))
@@ -310,7 +310,7 @@ HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "classifier", "score", "output
 
 def _pattern_hits(path: str, pattern) -> bool:
     """A LoRA target pattern matches a module path "a/b/q_proj" in full or as its trailing part (PEFT)."""
-    from qjax._src.policy import matches_any
+    from qjax._src.core.policy import matches_any
     if isinstance(pattern, str) and not pattern.startswith("re:"):
         return matches_any(path, (pattern, "*/" + pattern))
     return matches_any(path, (pattern,))

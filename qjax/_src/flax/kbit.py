@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax._src.adapters import is_nnx_module
+from qjax._src.adapters.tree import is_nnx_module
 from qjax._src.errors import float_dtype
-from qjax._src.qarray import is_quantized
+from qjax._src.core.qarray import is_quantized
 
 _HALF = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 

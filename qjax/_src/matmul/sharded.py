@@ -12,10 +12,10 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from qjax._src.qarray import QuantizedArray, is_quantized
-from qjax._src.qmatmul import explicit_sharding, qmatmul
-from qjax._src.quantize import decode_absmax, flat_index
-from qjax._src.sharding import _entry_axes, _normalize, _shards, _spec, quantized_leaf_specs
+from qjax._src.core.qarray import QuantizedArray, is_quantized
+from qjax._src.matmul.qmatmul import explicit_sharding, qmatmul
+from qjax._src.core.quantize import decode_absmax, flat_index
+from qjax._src.sharding.specs import _entry_axes, _normalize, _shards, _spec, quantized_leaf_specs
 
 
 def _local_absmax(codes, nested, offset, leaf_spec, full_shape):

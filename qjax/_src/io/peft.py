@@ -20,10 +20,10 @@ import re
 
 import numpy as np
 
-from qjax._src import adapters as ad
+from qjax._src.adapters import tree as ad
 from qjax._src.errors import describe, float_dtype, named
-from qjax._src.lora_config import LoraConfig
-from qjax._src.names import LLAMA, NameMap
+from qjax._src.adapters.config import LoraConfig
+from qjax._src.io.names import LLAMA, NameMap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 
 from qjax._src.errors import describe
-from qjax._src.policy import path_str
-from qjax._src.qarray import QuantizedArray, check_leaves, is_quantized
+from qjax._src.core.policy import path_str
+from qjax._src.core.qarray import QuantizedArray, check_leaves, is_quantized
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax._src.adapters import key_path, lookup
-from qjax._src.bnb import _dtype_name, _parse_dtype
-from qjax._src import ckpt_files as files
-from qjax._src.qarray import QuantizedArray, check_leaves, is_quantized
+from qjax._src.adapters.tree import key_path, lookup
+from qjax._src.io.bnb import _dtype_name, _parse_dtype
+from qjax._src.io import files as files
+from qjax._src.core.qarray import QuantizedArray, check_leaves, is_quantized
 from qjax._src.errors import CheckpointError, describe, named
 
 METADATA_KEY = "qjax"

@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax._src import formats
-from qjax._src.codes import lookup
-from qjax._src.qarray import QuantizedArray, check_leaves
-from qjax._src.quantize import _values_f32, absmax_f32
+from qjax._src.core import formats
+from qjax._src.core.codes import lookup
+from qjax._src.core.qarray import QuantizedArray, check_leaves
+from qjax._src.core.quantize import _values_f32, absmax_f32
 from qjax._src.errors import describe
 
 BACKENDS = ("auto", "xla", "pallas")
