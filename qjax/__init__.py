@@ -11,15 +11,10 @@ from qjax._src.core.policy import DEFAULT_SKIP, QuantConfig, dequantize_params, 
 from qjax._src.core.qarray import QuantizedArray, is_quantized
 from qjax._src.matmul.qmatmul import qmatmul
 from qjax._src.matmul.sharded import qmatmul_sharded
-from qjax._src.sharding.specs import (
-    lora_sharding,
-    optimizer_sharding,
-    params_sharding,
-    quantize_params_sharded,
-    quantized_sharding,
-    shard_params,
-    with_sharding_constraint,
-)
+from qjax._src.sharding.lora import lora_sharding
+from qjax._src.sharding.specs import quantized_sharding
+from qjax._src.sharding.trees import (optimizer_sharding, params_sharding, quantize_params_sharded, shard_params,
+                                      with_sharding_constraint)
 from qjax._src.core.quantize import dequantize, dequantize_blockwise, quantize, quantize_blockwise
 from qjax._src.core.rules import QuantRules, first_blocks
 

@@ -11,7 +11,7 @@ import qjax
 from helpers import linen_train, nnx_train_mse
 import qjax.linen as ql
 import qjax.nnx as qn
-from qjax._src.adapters import lora as L
+from qjax._src.matmul import base as B
 
 F32 = qjax.QuantConfig(compute_dtype=jnp.float32)
 CFG = qjax.LoraConfig(r=4, alpha=8)
@@ -26,18 +26,18 @@ CASES = [("btd,dnh->btnh", (64, 2, 32), (64,), (2, 32)),
 
 def test_plan_axes():
     for eq, shape, ins, outs in CASES:
-        plan = L.EinsumPlan(eq)
+        plan = B.EinsumPlan(eq)
         assert (plan.in_shape(shape), plan.out_shape(shape)) == (ins, outs), eq
         assert plan.kernel_shape(ins, outs) == shape
-    plan = L.EinsumPlan("tde,dhe->teh")  # per-expert kernel with the batch axis last
+    plan = B.EinsumPlan("tde,dhe->teh")  # per-expert kernel with the batch axis last
     assert (plan.batch_shape((4, 5, 3)), plan.in_shape((4, 5, 3)), plan.out_shape((4, 5, 3))) == ((3,), (4,), (5,))
     assert plan.perm == (2, 0, 1) and plan.bias_dims((4, 5, 3)) == (3, 5)
     assert plan.kernel_shape((4,), (5,), (3,)) == (4, 5, 3)
     with pytest.raises(ValueError, match="exactly two operands"):
-        L.EinsumPlan("bd,dh")
+        B.EinsumPlan("bd,dh")
     with pytest.raises(ValueError, match=r"params/moe: einsum_str 'btd,dk->bt' with kernel shape \(8, 3\).*"
                                          r"kernel axes \['k'\] are summed over the kernel alone"):
-        L.EinsumPlan("btd,dk->bt", "params/moe", (8, 3))
+        B.EinsumPlan("btd,dk->bt", "params/moe", (8, 3))
 
 
 class Attn(nn.Module):
@@ -99,7 +99,7 @@ def test_linen_training_lowers_loss_merge_requantize(rng):
     assert qjax.is_quantized(rv["params"]["o_proj"]["kernel"]) and "lora_a" not in rv["params"]["o_proj"]
     for name, (eq, shape, _, _) in zip(("q_proj", "k_proj", "o_proj", "up"), CASES):
         # the requantized kernel is the merged one, permuted to (*in, *out), up to 4-bit error
-        plan = L.EinsumPlan(eq)
+        plan = B.EinsumPlan(eq)
         want = jnp.transpose(mv["params"][name]["kernel"], plan.perm).reshape(rv["params"][name]["kernel"].shape)
         got = qjax.dequantize(rv["params"][name]["kernel"], jnp.float32)
         assert float(jnp.abs(got - want).max()) < 0.2 * float(jnp.abs(want).max()), name

@@ -11,7 +11,7 @@ import qjax
 import qjax.linen as ql
 import qjax.nnx as qn
 from helpers import linen_train, nnx_train_mse
-from qjax._src.adapters import lora as L
+from qjax._src.matmul import base as B
 
 F32 = qjax.QuantConfig(compute_dtype=jnp.float32)
 CFG = qjax.LoraConfig(r=4, alpha=8)
@@ -64,13 +64,13 @@ def test_linen_experts_match_dequantized_kernel(rng, name):
     model, x, v, delta_eq = _setup(rng, name)
     qm, qv = ql.convert(model, v, CFG, F32, jax.random.key(1), inputs=(x,))
     p = qv["params"]["experts"]
-    plan = L.EinsumPlan(type(qm)._qjax_spec.layer("experts").einsum)
+    plan = B.EinsumPlan(type(qm)._qjax_spec.layer("experts").einsum)
     shape = v["params"]["experts"]["kernel"].shape
     w_out = int(np.prod(plan.out_shape(shape)))
     assert p["kernel"].stack_shape == (E,) and p["kernel"].shape == (D, w_out)
     assert p["lora_a"].shape == (E, D, 4) and p["lora_b"].shape == (E, 4) + plan.out_shape(shape)
     # each expert's codes are those of quantizing that expert's (D, out) matrix alone
-    w = L.permute_einsum_kernel(plan, v["params"]["experts"]["kernel"])
+    w = B.permute_einsum_kernel(plan, v["params"]["experts"]["kernel"])
     for e in range(E):
         alone = F32.quantize(jnp.reshape(w[e], (D, w_out)))
         for got, want in zip(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: a[e], p["kernel"])),
@@ -106,7 +106,7 @@ def test_linen_experts_merge_round_trip(rng):
     model, x, v, _ = _setup(rng, "batch_last")
     qm, qv = ql.convert(model, v, CFG, F32, jax.random.key(1), inputs=(x,))
     mm, mv = ql.merge(qm, qv)  # B = 0: the dequantized kernel in the einsum's own (D, H, E) layout
-    plan = L.EinsumPlan(CASES["batch_last"][0])
+    plan = B.EinsumPlan(CASES["batch_last"][0])
     w_deq = jax.vmap(lambda q: qjax.dequantize(q, jnp.float32))(qv["params"]["experts"]["kernel"])
     np.testing.assert_array_equal(np.asarray(mv["params"]["experts"]["kernel"]),
                                   np.asarray(jnp.transpose(w_deq, plan.inverse_perm())))
@@ -214,7 +214,7 @@ class NMoE(nnx.Module):
 
 def _nnx_dequantized(layer, plan_eq, shape):
     """A copy of an NNX QLoRA layer's base as the dense kernel in the original layout."""
-    plan = L.EinsumPlan(plan_eq)
+    plan = B.EinsumPlan(plan_eq)
     w = jax.vmap(lambda q: qjax.dequantize(q, jnp.float32))(layer.kernel.get_value())
     w = jnp.reshape(w, (E,) + plan.in_shape(shape) + plan.out_shape(shape))
     return jnp.transpose(w, plan.inverse_perm())

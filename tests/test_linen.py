@@ -59,14 +59,14 @@ def _setup(model, rng, batch=(2, 3)):
 
 def _dequantized(params, spec):
     """The original params with every converted kernel replaced by its dequantized value."""
-    from qjax._src.adapters import lora as L
+    from qjax._src.matmul import base as B
     params = jax.tree_util.tree_map(lambda x: x, params)
     for layer in spec.layers:
         node = params
         for k in layer.path.split("/"):
             node = node[k]
-        fn = lambda k: L.dense_kernel(k, layer.in_shape, layer.out_shape)
-        node["kernel"] = L.vmap_lead(fn, len(layer.lead))(node["kernel"])
+        fn = lambda k: B.dense_kernel(k, layer.in_shape, layer.out_shape)
+        node["kernel"] = B.vmap_lead(fn, len(layer.lead))(node["kernel"])
         node.pop("lora_a", None), node.pop("lora_b", None)
     return params
 
@@ -210,7 +210,7 @@ def test_merge_matches_and_requantize(rng):
     x, v = _setup(model, rng)
     qm, qv = ql.convert(model, v, qjax.LoraConfig(r=4, init="gaussian"), F32, jax.random.key(1), inputs=(x,))
     qv = jax.tree_util.tree_map_with_path(
-        lambda p, a: a + 0.05 if qjax.optim.is_adapter_path(qjax._src.core.policy.path_str(p)) else a, qv,
+        lambda p, a: a + 0.05 if qjax.optim.is_adapter_path(qjax._src.paths.path_str(p)) else a, qv,
         is_leaf=qjax.is_quantized)
     y = qm.apply(qv, x)
     mm, mv = ql.merge(qm, qv)

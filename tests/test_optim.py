@@ -76,7 +76,7 @@ def test_split_merge_roundtrip(rng):
     params = _params(rng)
     adapters, rest = split_adapters(params)
     assert adapters["layer"]["kernel"] is None and rest["layer"]["lora_a"] is None
-    assert sorted(qjax._src.core.policy.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]) == \
+    assert sorted(qjax._src.paths.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]) == \
         ["layer/lora_a", "layer/lora_b"]
     back = merge_adapters(adapters, rest)
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):

@@ -13,6 +13,7 @@ import qjax
 import qjax.linen as ql
 import qjax.nnx as qn
 from qjax._src.adapters import tree as ad
+from qjax._src import paths
 from qlora_trees import PROJ, apply, qlora_variables
 
 torch = pytest.importorskip("torch")
@@ -340,9 +341,9 @@ def test_stacked_merged_export_is_per_layer(rng, kind):
     tree = _randomized(rng, tree)
     sd = qjax.interop.merged_state_dict(tree, cfg, dtype=jnp.float32)
     flat = ad.flat_adapters(tree)
-    kernels = {ad.key_path(p)[-2]: x for p, x in jax.tree_util.tree_flatten_with_path(
+    kernels = {paths.path_keys(p)[-2]: x for p, x in jax.tree_util.tree_flatten_with_path(
         ad.as_tree(nnx.state(tree)) if kind == "nnx" else tree, is_leaf=qjax.is_quantized)[0]
-        if ad.key_path(p)[-1] == "kernel"}
+        if paths.path_keys(p)[-1] == "kernel"}
     for i in range(3):
         for name in PROJ:
             key = f"model.layers.{i}.self_attn.{name}.weight"

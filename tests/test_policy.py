@@ -26,7 +26,7 @@ def _params(rng):
 def test_default_config_quantizes_kernels_only(rng):
     params = _params(rng)
     qp = qjax.quantize_params(params, qjax.QuantConfig())
-    flat = {qjax._src.core.policy.path_str(p): x for p, x in
+    flat = {qjax._src.paths.path_str(p): x for p, x in
             jax.tree_util.tree_flatten_with_path(qp, is_leaf=qjax.is_quantized)[0]}
     quantized = sorted(k for k, v in flat.items() if qjax.is_quantized(v))
     assert quantized == ["params/layers_0/mlp/up_proj/kernel", "params/layers_0/self_attn/o_proj/kernel",

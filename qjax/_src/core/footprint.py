@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from qjax._src.errors import describe
-from qjax._src.core.policy import path_str
+from qjax._src.paths import path_str
 from qjax._src.core.qarray import QuantizedArray, check_leaves, is_quantized
 
 

@@ -9,55 +9,24 @@ Paths are the leaf's key path joined with "/" (`{"params": {"mlp": {"kernel": ..
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import numbers
 import re
 import warnings
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qjax._src.core import formats
+from qjax._src.paths import Pattern, matches, matches_any, path_str
 from qjax._src.errors import float_dtype, named
 from qjax._src.core.qarray import QuantizedArray, is_quantized
 from qjax._src.core.quantize import (check_blocksize, check_flag, check_report, dequantize, quantize,
                                 quantize_with_report)
 
-Pattern = Union[str, "re.Pattern[str]"]
-
 # Leaves kept in 16-bit by default: embeddings, the output head and normalization scales.
 DEFAULT_SKIP: tuple[str, ...] = ("*embed*", "*lm_head*", "*norm*", "*ln_*", "*layernorm*")
-
-
-def _plain_key(key):
-    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return key
-
-
-def path_keys(path) -> tuple:
-    """A jax key path as a tuple of plain keys: ("params", "layers_0", "lora_a"); indices stay ints."""
-    return tuple(_plain_key(k) for k in path)
-
-
-def path_str(path) -> str:
-    """A jax key path as "a/b/0/kernel"."""
-    return "/".join(str(k) for k in path_keys(path))
-
-
-def _matches(path: str, pattern: Pattern) -> bool:
-    if isinstance(pattern, re.Pattern):
-        return pattern.search(path) is not None
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], path) is not None
-    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path.lower(), pattern.lower())
-
-
-def matches_any(path: str, patterns: Sequence[Pattern] | None) -> bool:
-    return any(_matches(path, p) for p in (patterns or ()))
 
 
 def _pattern_text(pattern: Pattern) -> str:
@@ -206,7 +175,7 @@ def warn_unmatched_patterns(config, params, quantized) -> None:
             if is_quantized(x)}
     problems = []
     for field, pattern in dict.fromkeys(config.user_patterns()):
-        hits = [path for path in paths if _matches(path, pattern)]
+        hits = [path for path in paths if matches(path, pattern)]
         if not hits:
             problems.append(f"{field} pattern {_pattern_text(pattern)} matched no parameter path")
         elif field.endswith("target") and not done.intersection(hits):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from qjax._src.core.policy import Pattern, QuantConfig, as_patterns, matches_any
+from qjax._src.core.policy import QuantConfig, as_patterns
+from qjax._src.paths import Pattern, matches_any
 
 
 @dataclasses.dataclass(frozen=True)

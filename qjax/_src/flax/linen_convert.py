@@ -14,11 +14,14 @@ from flax import linen as nn
 from flax.core import meta, unfreeze
 
 from qjax._src.adapters import lora as L
+from qjax._src.matmul import base as B
+from qjax._src.flax import select as S
 from qjax._src.flax.linen_layers import (LayerSpec, _call, _dense_general_batched_call, _einsum_module_call, _tuple,
                                   dense_general_plan, einsum_plan)
 from qjax._src.errors import describe, named
 from qjax._src.adapters.config import LoraConfig, check_configs
-from qjax._src.core.policy import QuantConfig, path_str
+from qjax._src.core.policy import QuantConfig
+from qjax._src.paths import path_str
 from qjax._src.core.qarray import is_quantized
 
 
@@ -304,15 +307,15 @@ def _params_layers(params, explicit: bool) -> tuple[list[LayerSpec], dict[str, s
 
 def _quantize(spec: LayerSpec, kernel, quant_config):
     if spec.einsum is not None:
-        return L.quantize_einsum_kernel(L.EinsumPlan(spec.einsum), kernel, quant_config, lead=len(spec.lead))
-    return L.quantize_kernel(kernel, len(spec.in_shape), quant_config, lead=len(spec.lead))
+        return B.quantize_einsum_kernel(B.EinsumPlan(spec.einsum), kernel, quant_config, lead=len(spec.lead))
+    return B.quantize_kernel(kernel, len(spec.in_shape), quant_config, lead=len(spec.lead))
 
 
 def _loftq(spec: LayerSpec, kernel, lora_config: LoraConfig, quant_config: QuantConfig):
     """(q, lora_a, lora_b) of one layer (stacked layers one by one) by LoftQ."""
     if spec.einsum is not None:
-        plan = L.EinsumPlan(spec.einsum)
-        return L.loftq_kernel(L.permute_einsum_kernel(plan, kernel, len(spec.lead)), len(plan.in_labels),
+        plan = B.EinsumPlan(spec.einsum)
+        return L.loftq_kernel(B.permute_einsum_kernel(plan, kernel, len(spec.lead)), len(plan.in_labels),
                               lora_config, quant_config, lead=len(spec.lead) + len(spec.batch))
     return L.loftq_kernel(kernel, len(spec.in_shape), lora_config, quant_config, lead=len(spec.lead))
 
@@ -320,14 +323,14 @@ def _loftq(spec: LayerSpec, kernel, lora_config: LoraConfig, quant_config: Quant
 def _merged(layer: LayerSpec, kernel, a, b, scaling: float, dtype):
     """The merged dense kernel of one converted layer in the original module's layout (*lead, ...)."""
     if layer.einsum is not None:
-        plan = L.EinsumPlan(layer.einsum)
+        plan = B.EinsumPlan(layer.einsum)
         fn = lambda k, a, b: L.einsum_merged_kernel(  # noqa: E731
             plan, k, a, b, kernel_shape=plan.kernel_shape(layer.in_shape, layer.out_shape, layer.batch), scaling=scaling,
             dtype=dtype)
     else:
         fn = lambda k, a, b: L.merged_kernel(k, a, b, in_shape=layer.in_shape, out_shape=layer.out_shape,  # noqa: E731
                                              scaling=scaling, dtype=dtype)
-    return L.vmap_lead(fn, len(layer.lead))(kernel, a, b)
+    return B.vmap_lead(fn, len(layer.lead))(kernel, a, b)
 
 
 def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraConfig(),
@@ -380,7 +383,7 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
         raise ValueError(f"{type(model).__name__} has no nn.Dense / nn.DenseGeneral / nn.Einsum layer with a kernel "
                          "in its params; there is nothing to convert")
     paths = [layer.path for layer in layers] + list(unsupported)
-    lora_paths = set(L.select_layers(paths, lora_config)) if lora_config is not None else set()
+    lora_paths = set(S.select_layers(paths, lora_config)) if lora_config is not None else set()
 
     def quant_for(path):
         qc = quant_config.config_for(f"params/{path}/kernel") if quant_config is not None else None
@@ -460,12 +463,12 @@ def merge(qlora_model: nn.Module, qlora_variables, dtype=None, *, requantize: Qu
         node = _get(params, where)
         kernel = _get(params, where + ["kernel"])
         a, b = node.pop("lora_a", None), node.pop("lora_b", None)
-        dense_shape = layer.lead + (L.EinsumPlan(layer.einsum).kernel_shape(layer.in_shape, layer.out_shape, layer.batch)
+        dense_shape = layer.lead + (B.EinsumPlan(layer.einsum).kernel_shape(layer.in_shape, layer.out_shape, layer.batch)
                                     if layer.einsum is not None else layer.in_shape + layer.out_shape)
         L.check_layer(f"params/{layer.path}", kernel, a, b, in_shape=layer.in_shape, out_shape=layer.out_shape,
                       stack=layer.lead + layer.batch, r=spec.lora_config.r if layer.lora else None,
                       dense_shape=dense_shape)
-        node["kernel"] = _merged(layer, kernel, a, b, scaling, dtype or L.kernel_dtype(kernel))
+        node["kernel"] = _merged(layer, kernel, a, b, scaling, dtype or B.kernel_dtype(kernel))
     base_cls = type(qlora_model)._qjax_base_class
     model = _instantiate(base_cls, qlora_model)
     if requantize is None:

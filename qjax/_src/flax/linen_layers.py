@@ -20,6 +20,7 @@ from flax import linen as nn
 from flax.core import meta
 
 from qjax._src.adapters import lora as L
+from qjax._src.matmul import base as B
 from qjax._src.errors import describe
 from qjax._src.adapters.config import LoraConfig
 from qjax._src.core.policy import QuantConfig
@@ -92,7 +93,7 @@ def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraC
         L.check_rank(lora.r, in_shape, features, where)
         loftq = L.loftq_kernel(kernel_init_fn(module.make_rng("params")), n_in, lora, quant)
     kernel = module.param("kernel", lambda rng: loftq[0] if loftq is not None else
-                          (L.quantize_kernel(kernel_init_fn(rng), n_in, quant) if quant is not None
+                          (B.quantize_kernel(kernel_init_fn(rng), n_in, quant) if quant is not None
                            else kernel_init_fn(rng)))
     bias = module.param("bias", lambda rng: meta.unbox(module.bias_init(rng, features, module.param_dtype))) \
         if module.use_bias else None
@@ -103,7 +104,7 @@ def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraC
                               L.init_adapters(rng, in_shape, features, lora.r, lora.init)[0])
         lora_b = module.param("lora_b", lambda rng: loftq[2] if loftq is not None else
                               L.init_adapters(rng, in_shape, features, lora.r, lora.init)[1])
-    param_dtype = L.kernel_dtype(kernel)
+    param_dtype = B.kernel_dtype(kernel)
     out_dtype = module.dtype or jnp.promote_types(inputs.dtype, param_dtype)
     compute_dtype = (quant.compute_dtype if quant is not None and quant.compute_dtype is not None
                      else out_dtype) if is_quantized(kernel) else out_dtype
@@ -114,10 +115,10 @@ def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraC
                          scaling=lora.scaling if lora is not None else 0.0, compute_dtype=compute_dtype,
                          out_dtype=out_dtype, precision=module.precision,
                          dropout_rate=lora.dropout if lora is not None else 0.0, dropout_key=key,
-                         backend=backend, int8_threshold=L.llm_int8_threshold(kernel, quant))
+                         backend=backend, int8_threshold=B.llm_int8_threshold(kernel, quant))
 
 
-def _einsum_call(module: nn.Module, inputs, plan: L.EinsumPlan, shape: tuple[int, ...], *, kernel_init, bias_init,
+def _einsum_call(module: nn.Module, inputs, plan: B.EinsumPlan, shape: tuple[int, ...], *, kernel_init, bias_init,
                  lora: LoraConfig | None, quant: QuantConfig | None, backend: str = "auto",
                  deterministic: bool | None = None):
     """The QLoRA layer of an einsum projection on a bound module (`use_bias`, `dtype`, `precision`).
@@ -132,14 +133,14 @@ def _einsum_call(module: nn.Module, inputs, plan: L.EinsumPlan, shape: tuple[int
 
     def kernel_init_fn(rng):
         w = kernel_init(rng)
-        return L.quantize_einsum_kernel(plan, w, quant) if quant is not None else w
+        return B.quantize_einsum_kernel(plan, w, quant) if quant is not None else w
 
     L.check_layer_configs(lora, quant, where)
     _check_stored(module, where, inputs, lora, in_shape=in_shape, out_shape=out_shape, stack=batch, dense_shape=shape)
     loftq = None
     if L.wants_loftq(lora, quant) and module.is_initializing() and not module.has_variable("params", "kernel"):
         L.check_rank(lora.r, in_shape, out_shape, where)
-        w = L.permute_einsum_kernel(plan, kernel_init(module.make_rng("params")))
+        w = B.permute_einsum_kernel(plan, kernel_init(module.make_rng("params")))
         loftq = L.loftq_kernel(w, len(in_shape), lora, quant, lead=len(batch))
     kernel = module.param("kernel", lambda rng: loftq[0] if loftq is not None else kernel_init_fn(rng))
     bias = module.param("bias", bias_init) if module.use_bias else None
@@ -150,7 +151,7 @@ def _einsum_call(module: nn.Module, inputs, plan: L.EinsumPlan, shape: tuple[int
                               L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init, lead=batch)[0])
         lora_b = module.param("lora_b", lambda rng: loftq[2] if loftq is not None else
                               L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init, lead=batch)[1])
-    out_dtype = module.dtype or jnp.promote_types(inputs.dtype, L.kernel_dtype(kernel))
+    out_dtype = module.dtype or jnp.promote_types(inputs.dtype, B.kernel_dtype(kernel))
     compute_dtype = (quant.compute_dtype if quant is not None and quant.compute_dtype is not None
                      else out_dtype) if is_quantized(kernel) else out_dtype
     key = None
@@ -160,16 +161,16 @@ def _einsum_call(module: nn.Module, inputs, plan: L.EinsumPlan, shape: tuple[int
                          scaling=lora.scaling if lora is not None else 0.0, compute_dtype=compute_dtype,
                          out_dtype=out_dtype, precision=module.precision,
                          dropout_rate=lora.dropout if lora is not None else 0.0, dropout_key=key, backend=backend,
-                         int8_threshold=L.llm_int8_threshold(kernel, quant))
+                         int8_threshold=B.llm_int8_threshold(kernel, quant))
 
 
-def einsum_plan(module: nn.Module, einsum_str: str | None) -> tuple[L.EinsumPlan, tuple[int, ...]]:
+def einsum_plan(module: nn.Module, einsum_str: str | None) -> tuple[B.EinsumPlan, tuple[int, ...]]:
     """(plan, kernel shape) of an Einsum-like module (`shape`, `einsum_str`) called with einsum_str."""
     where = "params/" + "/".join(module.scope.path) if module.scope is not None else type(module).__name__
     if (einsum_str is None) == (module.einsum_str is None):
         raise ValueError(f"{where}: give einsum_str either as a field or as a call argument, exactly once")
     shape = tuple(module.shape)
-    return L.EinsumPlan(einsum_str if einsum_str is not None else module.einsum_str, where, shape), shape
+    return B.EinsumPlan(einsum_str if einsum_str is not None else module.einsum_str, where, shape), shape
 
 
 def _einsum_module_call(module: nn.Module, inputs, einsum_str, **kw):
@@ -181,7 +182,7 @@ def _einsum_module_call(module: nn.Module, inputs, einsum_str, **kw):
         bias_init=lambda rng: meta.unbox(module.bias_init(rng, plan.bias_dims(shape), module.param_dtype)), **kw)
 
 
-def dense_general_plan(module: nn.Module, input_shape) -> tuple[L.EinsumPlan, tuple[int, ...]]:
+def dense_general_plan(module: nn.Module, input_shape) -> tuple[B.EinsumPlan, tuple[int, ...]]:
     """(plan, kernel shape (*batch, *in, *features)) of a DenseGeneral-like module with batch_dims
     (`features`, `axis`, `batch_dims`) for inputs of input_shape."""
     where = "params/" + "/".join(module.scope.path) if module.scope is not None else type(module).__name__
@@ -190,9 +191,9 @@ def dense_general_plan(module: nn.Module, input_shape) -> tuple[L.EinsumPlan, tu
     if sorted(batch_dims) != list(range(len(batch_dims))):
         raise ValueError(f"{where}: batch_dims {tuple(module.batch_dims)} must be the leading input axes 0, 1, ...")
     axis, features = tuple(a % ndim for a in _tuple(module.axis)), _tuple(module.features)
-    eq = L.dense_general_einsum(ndim, batch_dims, axis, len(features))
+    eq = B.dense_general_einsum(ndim, batch_dims, axis, len(features))
     shape = tuple(input_shape[d] for d in sorted(batch_dims)) + tuple(input_shape[a] for a in axis) + features
-    return L.EinsumPlan(eq, where, shape), shape
+    return B.EinsumPlan(eq, where, shape), shape
 
 
 def _dense_general_batched_call(module: nn.Module, inputs, **kw):

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qjax._src.adapters import lora as L
+from qjax._src.matmul import base as B
+from qjax._src.flax import select as S
 from qjax._src.errors import describe, float_dtype
 from qjax._src.adapters.config import LoraConfig, check_configs, check_patterns
 from qjax._src.flax.nnx_layers import BaseParam, QLoRAEinsum, QLoRALinear, QLoRALinearGeneral, _QLoRABase, einsum_plan
@@ -51,7 +53,7 @@ def _check_not_converted(model) -> None:
 
 def _in_out(m) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if isinstance(m, nnx.Einsum):
-        plan = L.EinsumPlan(m.einsum_str)
+        plan = B.EinsumPlan(m.einsum_str)
         return plan.in_shape(m.kernel_shape), plan.out_shape(m.kernel_shape)  # of one batch index's matrix
     if isinstance(m, nnx.LinearGeneral):
         return tuple(m.in_features), tuple(m.out_features)
@@ -103,7 +105,7 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
         raise ValueError(f"{type(model).__name__} has no nnx.Linear / nnx.LinearGeneral / nnx.Einsum layer; "
                          "there is nothing to convert")
     paths = [_path(p) for p, _ in found]
-    lora_paths = set(L.select_layers(paths + list(unsupported), lora_config)) if lora_config is not None else set()
+    lora_paths = set(S.select_layers(paths + list(unsupported), lora_config)) if lora_config is not None else set()
 
     def quant_for(path, m):
         qc = quant_config.config_for(f"{path}/kernel") if quant_config is not None else None
@@ -209,7 +211,7 @@ def prepare_for_kbit_training(model, *, remat=None, dtype=jnp.float32):
     if patterns:
         hits = [(parts, node) for parts, node in nnx.iter_graph(model)
                 if isinstance(node, nnx.Module) and parts
-                and any(L._pattern_hits(_path(parts), p) for p in patterns)]
+                and any(S._pattern_hits(_path(parts), p) for p in patterns)]
         if not hits:
             raise ValueError(f"prepare_for_kbit_training: remat patterns {list(patterns)} match no module")
         for _, node in hits:

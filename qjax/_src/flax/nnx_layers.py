@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qjax._src.adapters import lora as L
+from qjax._src.matmul import base as B
 from qjax._src.errors import describe
 from qjax._src.adapters.config import LoraConfig
 from qjax._src.core.policy import QuantConfig
@@ -51,7 +52,7 @@ class _QLoRABase(nnx.Module):
                     kernel, *loftq = L.loftq_kernel(kernel, len(in_shape), lora_config, quant_config,
                                                     lead=len(stack))
                 else:
-                    kernel = L.quantize_kernel(kernel, len(in_shape), quant_config, lead=len(stack))
+                    kernel = B.quantize_kernel(kernel, len(in_shape), quant_config, lead=len(stack))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{where}/kernel: {e}") from None
         self.kernel = BaseParam(kernel)
@@ -95,7 +96,7 @@ class _QLoRABase(nnx.Module):
         """(kernel, bias, out dtype, compute dtype of the base matmul) for input x."""
         kernel = self.kernel.get_value()
         bias = self.bias.get_value() if self.bias is not None else None
-        out_dtype = self.dtype or jnp.promote_types(x.dtype, L.kernel_dtype(kernel))
+        out_dtype = self.dtype or jnp.promote_types(x.dtype, B.kernel_dtype(kernel))
         compute = out_dtype
         if is_quantized(kernel) and self.quant_config is not None and self.quant_config.compute_dtype is not None:
             compute = self.quant_config.compute_dtype
@@ -107,7 +108,7 @@ class _QLoRABase(nnx.Module):
         kernel, bias, out_dtype, compute = self._operands(x)
         base = L.lora_linear(x, kernel, bias, None, None, n_in=n_in, out_shape=self.out_shape, scaling=0.0,
                              compute_dtype=compute, out_dtype=compute, precision=self.precision,
-                             backend=self.backend, int8_threshold=L.llm_int8_threshold(kernel, self.quant_config))
+                             backend=self.backend, int8_threshold=B.llm_int8_threshold(kernel, self.quant_config))
         if self.lora_a is None:
             return base.astype(out_dtype)
         xd = self.lora_dropout(x) if self.lora_dropout is not None else x
@@ -116,18 +117,18 @@ class _QLoRABase(nnx.Module):
         dtype = jnp.promote_types(base.dtype, delta.dtype)
         return (base.astype(dtype) + delta.astype(dtype)).astype(out_dtype)
 
-    def _einsum_apply(self, x, plan: L.EinsumPlan):
+    def _einsum_apply(self, x, plan: B.EinsumPlan):
         """The layer as the einsum `plan` (kernel (*batch, *in, *out) quantized, or dense in plan.rhs order)."""
         self._check(None)
         kernel, bias, out_dtype, compute = self._operands(x)
         base = L.einsum_lora(x, plan, kernel, bias, None, None, out_shape=self.out_shape, scaling=0.0,
                              compute_dtype=compute, out_dtype=compute, precision=self.precision,
-                             backend=self.backend, int8_threshold=L.llm_int8_threshold(kernel, self.quant_config))
+                             backend=self.backend, int8_threshold=B.llm_int8_threshold(kernel, self.quant_config))
         if self.lora_a is None:
             return base.astype(out_dtype)
         x2, kept = plan.to_in_last(x)
         xd = self.lora_dropout(x2) if self.lora_dropout is not None else x2
-        delta = L.vmap_lead(lambda xb, a, b: L.lora_delta(xb, a, b, n_in=len(self.in_shape),
+        delta = B.vmap_lead(lambda xb, a, b: L.lora_delta(xb, a, b, n_in=len(self.in_shape),
                                                           scaling=self.lora_config.scaling, precision=self.precision),
                             len(plan.batch_labels))(xd, self.lora_a.get_value(), self.lora_b.get_value())
         delta = plan.to_result(delta, kept, x.ndim)
@@ -141,10 +142,10 @@ class _QLoRABase(nnx.Module):
         a = self.lora_a.get_value() if self.lora_a is not None else None
         b = self.lora_b.get_value() if self.lora_b is not None else None
         scaling = self.lora_config.scaling if self.lora_config is not None else 0.0
-        dtype = dtype or L.kernel_dtype(kernel)
+        dtype = dtype or B.kernel_dtype(kernel)
         fn = lambda k, a, b: L.merged_kernel(k, a, b, in_shape=self.in_shape, out_shape=self.out_shape,
                                              scaling=scaling, dtype=dtype)
-        return L.vmap_lead(fn, len(self.lead) + len(self.batch))(kernel, a, b)
+        return B.vmap_lead(fn, len(self.lead) + len(self.batch))(kernel, a, b)
 
 
 class QLoRALinear(_QLoRABase):
@@ -238,16 +239,16 @@ class QLoRALinearGeneral(_QLoRABase):
     def __call__(self, x):
         if not self.batch_axis:
             return self._apply(x)
-        eq = L.dense_general_einsum(x.ndim, range(len(self.batch_axis)), self.axis, len(self.out_features))
-        return self._einsum_apply(x, L.EinsumPlan(eq))
+        eq = B.dense_general_einsum(x.ndim, range(len(self.batch_axis)), self.axis, len(self.out_features))
+        return self._einsum_apply(x, B.EinsumPlan(eq))
 
 
-def einsum_plan(m: nnx.Einsum, where: str) -> L.EinsumPlan:
+def einsum_plan(m: nnx.Einsum, where: str) -> B.EinsumPlan:
     """The EinsumPlan of an nnx.Einsum; ValueError naming `where`, the equation and the kernel shape."""
     if m.einsum_str is None:
         raise ValueError(f"{where}: nnx.Einsum without an einsum_str at construction (kernel shape "
                          f"{tuple(m.kernel_shape)}) cannot be converted")
-    return L.EinsumPlan(m.einsum_str, where, m.kernel_shape)
+    return B.EinsumPlan(m.einsum_str, where, m.kernel_shape)
 
 
 class QLoRAEinsum(_QLoRABase):
@@ -284,7 +285,7 @@ class QLoRAEinsum(_QLoRABase):
             bias = jnp.reshape(bias, lead + plan.bias_dims(shape))
         if quant_config is not None and not is_quantized(kernel):
             # (*lead, *kernel_shape) -> (*lead, *batch, *in, *out); _setup quantizes it (or runs LoftQ) as 2-D.
-            kernel = L.permute_einsum_kernel(plan, kernel, len(lead))
+            kernel = B.permute_einsum_kernel(plan, kernel, len(lead))
         self._setup(kernel, bias, in_shape=in_shape, out_shape=out_shape, lead=lead, dtype=m.dtype,
                     param_dtype=m.param_dtype, precision=m.precision, lora_config=lora_config,
                     quant_config=quant_config, backend=backend, rngs=rngs, where=where,
@@ -300,7 +301,7 @@ class QLoRAEinsum(_QLoRABase):
     def __call__(self, x, einsum_str: str | None = None):
         if einsum_str is not None and einsum_str.replace(" ", "") != self.einsum_str:
             raise ValueError(f"QLoRAEinsum was converted for {self.einsum_str!r}; called with {einsum_str!r}")
-        return self._einsum_apply(x, L.EinsumPlan(self.einsum_str))
+        return self._einsum_apply(x, B.EinsumPlan(self.einsum_str))
 
     def _dense_shape(self) -> tuple[int, ...]:
         return self.kernel_shape  # a dense Einsum kernel keeps its own layout
@@ -308,12 +309,12 @@ class QLoRAEinsum(_QLoRABase):
     def merged_kernel(self, dtype=None) -> jax.Array:
         """W + scaling * A @ B as a dense (*lead, *kernel_shape) array (default: the kernel's original dtype)."""
         self._check(None)
-        plan = L.EinsumPlan(self.einsum_str)
+        plan = B.EinsumPlan(self.einsum_str)
         kernel = self.kernel.get_value()
         a = self.lora_a.get_value() if self.lora_a is not None else None
         b = self.lora_b.get_value() if self.lora_b is not None else None
         scaling = self.lora_config.scaling if self.lora_config is not None else 0.0
-        dtype = dtype or L.kernel_dtype(kernel)
+        dtype = dtype or B.kernel_dtype(kernel)
         fn = lambda k, a, b: L.einsum_merged_kernel(plan, k, a, b, kernel_shape=self.kernel_shape,  # noqa: E731
                                                     scaling=scaling, dtype=dtype)
-        return L.vmap_lead(fn, len(self.lead))(kernel, a, b)
+        return B.vmap_lead(fn, len(self.lead))(kernel, a, b)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._src.adapters import tree as ad
+from qjax._src import paths
 from qjax._src.io import checkpoint as ck
 from qjax._src.io import files as files
 from qjax._src.adapters.config import LoraConfig
@@ -75,7 +76,7 @@ def save_adapters(path, variables_or_model, lora_config: LoraConfig, *, force: b
     if not allow_nonfinite:
         ck.check_finite(ad.nest(flat), "the adapters")
     meta = {"lora_config": config_to_json(lora_config),
-            "adapters": [{"path": [ck.json_key(k) for k in p], "shape": list(np.shape(x)),
+            "adapters": [{"path": [paths.json_key(k) for k in p], "shape": list(np.shape(x)),
                           "dtype": np.dtype(x.dtype).name} for p, x in flat.items()]}
     custom = dict(custom_metadata or {})
     custom[ADAPTERS_KEY] = meta
@@ -173,5 +174,5 @@ def load_adapters(path, variables_or_model, lora_config: LoraConfig | None = Non
 
     target = ad.nest({saved_n[norm(p)]: abstract(saved[saved_n[norm(p)]], x) for p, x in model.items()})
     restored = ck.restore(path, target)
-    new = {p: jnp.asarray(ad.lookup(restored, p)).astype(x.dtype) for p, x in model.items()}
+    new = {p: jnp.asarray(paths.lookup(restored, p)).astype(x.dtype) for p, x in model.items()}
     return ad.replace_adapters(variables_or_model, new)

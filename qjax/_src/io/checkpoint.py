@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax._src.adapters.tree import key_path, lookup
+from qjax._src.paths import json_key, lookup, path_keys, set_in
 from qjax._src.io.bnb import _dtype_name, _parse_dtype
 from qjax._src.io import files as files
 from qjax._src.core.qarray import QuantizedArray, check_leaves, is_quantized
@@ -44,10 +44,6 @@ def _ocp():
 # ----------------------------------------------------------------------------- metadata
 
 
-def json_key(k):
-    return k if isinstance(k, (int, str)) else str(k)
-
-
 def _crc(x) -> int:
     return zlib.crc32(np.ascontiguousarray(np.asarray(x)).view(np.uint8).reshape(-1))
 
@@ -67,7 +63,7 @@ def tree_metadata(tree, *, checksums: bool = False) -> dict:
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
     quantized, sums = [], {}
     for p, x in leaves:
-        path = [json_key(k) for k in key_path(p)]
+        path = [json_key(k) for k in path_keys(p)]
         if is_quantized(x):
             quantized.append({"path": path, "format": x.format, "blocksize": x.blocksize,
                               "shape": list(x.shape), "dtype": _dtype_name(x.dtype),
@@ -89,7 +85,7 @@ def tree_metadata(tree, *, checksums: bool = False) -> dict:
 
 
 def _name(p) -> str:
-    return "/".join(map(str, key_path(p)))
+    return "/".join(map(str, path_keys(p)))
 
 
 def _unsavable(x) -> str | None:
@@ -179,15 +175,6 @@ def _rebuild(raw, entry: dict, where: str) -> QuantizedArray:
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from None
     return q
-
-
-def _set(tree, path, value):
-    node = lookup(tree, path[:-1]) if len(path) > 1 else tree
-    k = path[-1]
-    if isinstance(node, list):
-        node[int(k)] = value
-    else:
-        node[k if k in node else str(k)] = value
 
 
 # ----------------------------------------------------------------------------- locating
@@ -314,7 +301,7 @@ def stored_arrays(item_dir: str, qmeta: dict | None = None) -> dict:
                               f"{type(e).__name__}: {e}") from None
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    stored = {key_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    stored = {path_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
     names = {"/".join(map(str, p)) for p in stored}
     lost = sorted(set((qmeta or {}).get("checksums") or {}) - names)
     if lost:
@@ -387,7 +374,7 @@ def save(path, tree, *, force: bool = False, custom_metadata: dict | None = None
 
 def check_target(stored: dict, qmeta: dict | None, target, where: str) -> None:
     problems = []
-    target_leaves = {key_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    target_leaves = {path_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
     norm = lambda p: tuple(map(str, p))  # noqa: E731
     stored_n = {norm(p): x for p, x in stored.items()}
     target_n = {norm(p): x for p, x in target_leaves.items()}
@@ -400,7 +387,7 @@ def check_target(stored: dict, qmeta: dict | None, target, where: str) -> None:
         if tuple(s.shape) != tuple(np.shape(t)) or np.dtype(s.dtype) != np.dtype(t.dtype):
             problems.append(f"{'/'.join(p)}: checkpoint has {describe(s)}, target has {describe(t)}")
     if qmeta is not None:
-        qtarget = {norm(key_path(p)): x for p, x in
+        qtarget = {norm(path_keys(p)): x for p, x in
                    jax.tree_util.tree_flatten_with_path(target, is_leaf=is_quantized)[0] if is_quantized(x)}
         for e in qmeta.get("quantized", []):
             t = qtarget.get(norm(e["path"]))
@@ -423,7 +410,7 @@ def verify_checksums(tree, qmeta: dict | None, where: str) -> None:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     bad = []
     for p, x in leaves:
-        name = "/".join(map(str, key_path(p)))
+        name = "/".join(map(str, path_keys(p)))
         if name in sums and _fully_addressable(x) and _crc(x) != sums[name]:
             bad.append(name)
     if bad:
@@ -497,7 +484,7 @@ def _restore_once(where: str, target, item: str | None, verify: bool):
             return raw
         out = raw
         for entry in qmeta.get("quantized", []):
-            _set(out, entry["path"], _rebuild(out, entry, where))
+            set_in(out, entry["path"], _rebuild(out, entry, where))
     if verify:
         verify_checksums(out, qmeta, where)
     return out

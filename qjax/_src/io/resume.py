@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from qjax._src.adapters import tree as ad
+from qjax._src import paths
 from qjax._src.io import checkpoint as ck
 from qjax._src.io import files as files
 from qjax._src.io.adapter_io import config_from_json, config_to_json
@@ -112,7 +113,7 @@ class ResumeManager:
         if not allow_nonfinite:
             ck.check_finite(tree, f"step {step}: the adapters / optimizer state")
         meta = {"step": step, "data_position": ck.to_json(data_position, "data_position"),
-                "adapter_paths": [[ck.json_key(k) for k in p] for p in flat],
+                "adapter_paths": [[paths.json_key(k) for k in p] for p in flat],
                 "lora_config": config_to_json(self.lora_config) if self.lora_config else None,
                 "rng": None}
         if rng is not None:
@@ -215,7 +216,7 @@ class ResumeManager:
         rng = out.get("rng")
         if rng_meta is not None and rng_meta.get("typed"):
             rng = jax.random.wrap_key_data(rng, impl=rng_meta["impl"])
-        new = {p: ad.lookup(out["adapters"], p) for p in flat}
+        new = {p: paths.lookup(out["adapters"], p) for p in flat}
         return ResumeState(step=step, adapters=ad.replace_adapters(adapters, new), opt_state=out["opt_state"],
                            rng=rng, data_position=meta.get("data_position"), lora_config=saved_cfg)
 

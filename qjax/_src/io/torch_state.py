@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._src.adapters import tree as ad
+from qjax._src import paths
 from qjax._src.adapters import lora as L
 from qjax._src.io.bnb import bnb_state_dict, bnb_weight, from_bnb_state_dict
 from qjax._src.errors import float_dtype, named
@@ -132,7 +133,7 @@ def _leaves(variables):
         variables = nnx.state(variables)  # all of it (ad.as_tree of a module reads the adapters only)
     tree = ad.as_tree(variables)
     for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]:
-        path = ad.key_path(p)
+        path = paths.path_keys(p)
         yield "/".join(map(str, path[:-1])), str(path[-1]), x
 
 

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec
 from qjax._src.core.qarray import QuantizedArray, is_quantized
 from qjax._src.matmul.qmatmul import explicit_sharding, qmatmul
 from qjax._src.core.quantize import decode_absmax, flat_index
-from qjax._src.sharding.specs import _entry_axes, _normalize, _shards, _spec, quantized_leaf_specs
+from qjax._src.sharding.specs import as_spec, entry_axes, normalize, quantized_leaf_specs, shard_count
 
 
 def _local_absmax(codes, nested, offset, leaf_spec, full_shape):
@@ -23,7 +23,7 @@ def _local_absmax(codes, nested, offset, leaf_spec, full_shape):
     entries = tuple(leaf_spec) + (None,) * (len(full_shape) - len(tuple(leaf_spec)))
     origin = []
     for d, e in enumerate(entries):
-        axes = _entry_axes(e)
+        axes = entry_axes(e)
         origin.append(jax.lax.axis_index(axes) * codes.shape[d] if axes else 0)
     return decode_absmax(codes, nested, offset, flat_index(codes.shape, origin, full_shape))
 
@@ -32,7 +32,7 @@ def _weight_spec_from_codes(q: QuantizedArray, packed_spec) -> PartitionSpec:
     """The logical (K, N) spec a QuantizedArray's codes spec comes from (inverse of the layout rule)."""
     entries = tuple(packed_spec) + (None,) * (np.ndim(q.packed) - len(tuple(packed_spec)))
     storage = entries if len(entries) == 2 else (entries[0], None)  # flat codes: leading storage axis
-    return _spec(storage[::-1] if q.transposed else storage)
+    return as_spec(storage[::-1] if q.transposed else storage)
 
 
 def qmatmul_sharded(x, q: QuantizedArray, mesh=None, spec=None, *, x_spec=None, **qmatmul_kwargs):
@@ -57,23 +57,23 @@ def qmatmul_sharded(x, q: QuantizedArray, mesh=None, spec=None, *, x_spec=None, 
         spec = spec if spec is not None else _weight_spec_from_codes(q, packed_spec)
         if x_spec is None:
             x_spec = explicit_sharding(x)[1]
-    k_entry, n_entry = _normalize(spec, 2, mesh, f"weight spec for {q!r}")
+    k_entry, n_entry = normalize(spec, 2, mesh, f"weight spec for {q!r}")
     if x_spec is None:
         x_spec = PartitionSpec(*([None] * (x.ndim - 1)), k_entry)
-    xs = _normalize(x_spec, x.ndim, mesh, "x_spec")
-    if _entry_axes(xs[-1]) != _entry_axes(k_entry):
+    xs = normalize(x_spec, x.ndim, mesh, "x_spec")
+    if entry_axes(xs[-1]) != entry_axes(k_entry):
         raise ValueError(f"x_spec={x_spec} splits x's K axis over {xs[-1]!r} but the weight's K axis is split "
                          f"over {k_entry!r}; they must match (reshard x, or change the weight spec)")
-    batch_axes = {a for e in xs[:-1] for a in _entry_axes(e)}
-    clash = batch_axes & set(_entry_axes(n_entry))
+    batch_axes = {a for e in xs[:-1] for a in entry_axes(e)}
+    clash = batch_axes & set(entry_axes(n_entry))
     if clash:
         raise ValueError(f"x_spec={x_spec} splits x's batch over mesh axes {sorted(clash)} that also split the "
                          f"weight's N axis (spec {spec}); use different mesh axes")
     leaf_specs = quantized_leaf_specs(q, spec, mesh)
-    local_shape = (q.shape[0] // _shards(mesh, k_entry), q.shape[1] // _shards(mesh, n_entry))
+    local_shape = (q.shape[0] // shard_count(mesh, k_entry), q.shape[1] // shard_count(mesh, n_entry))
     dq = q.double_quant
     absmax_shape = tuple(np.shape(q.absmax))
-    k_axes = _entry_axes(k_entry)
+    k_axes = entry_axes(k_entry)
 
     def local(xl, packed, absmax, nested=None, offset=None):
         if dq:
@@ -84,7 +84,7 @@ def qmatmul_sharded(x, q: QuantizedArray, mesh=None, spec=None, *, x_spec=None, 
 
     rep = PartitionSpec()
     args = (x, q.packed, q.absmax) + ((q.nested_absmax, q.offset) if dq else ())
-    in_specs = (_spec(xs), leaf_specs["packed"], leaf_specs["absmax"]) + ((rep, rep) if dq else ())
-    out_spec = _spec(xs[:-1] + (n_entry,))
+    in_specs = (as_spec(xs), leaf_specs["packed"], leaf_specs["absmax"]) + ((rep, rep) if dq else ())
+    out_spec = as_spec(xs[:-1] + (n_entry,))
     fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)
     return fn(*args)
