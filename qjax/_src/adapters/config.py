@@ -78,7 +78,7 @@ class LoraConfig:
     init: "default" (A random, B zero: the converted model computes what the quantized base
       computes), "gaussian" or "loftq" (loftq_iter >= 1 rounds).
     loftq_method: "svd" (exact) or "randomized" (randomized range finder: only matmuls and thin
-      QRs touch the full matrix, for large kernels; see `qjax.low_rank`).
+      QRs touch the full matrix, for large kernels; see docs/loftq.md).
     Every field is checked here: TypeError for a wrong type, ValueError for a value out of
     range, each naming the field, the value and its type (and the valid choices).
     """
