@@ -20,11 +20,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from qjax._src.core import formats
+from qjax._src.core.blockwise import absmax_f32
 from qjax._src.core.codes import lookup
-from qjax._src.core.qarray import QuantizedArray, check_leaves
-from qjax._src.core.quantize import absmax_f32, dequantize
+from qjax._src.core.family import is_quantized
+from qjax._src.core.qarray import QuantizedArray
 
-KERNEL_FORMATS = ("nf4", "fp4", "int8")
 _FLOAT_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 _INV_127 = float(np.float32(1 / 127))
 
@@ -59,26 +59,21 @@ def is_pow2(v: int) -> bool:
 
 
 def weight_spec(x_shape, q: QuantizedArray, dtype, kernel: str) -> WeightSpec:
-    """Validates x's shape and q's layout for a Pallas kernel; raises ValueError naming what fails."""
-    if not isinstance(q, QuantizedArray):
-        raise TypeError(f"{kernel}: q must be a QuantizedArray, got {type(q).__name__}")
-    problems = []
-    if q.ndim != 2:
-        problems.append(f"q must be 2-D (K, N), got shape={q.shape}")
-    if q.format not in KERNEL_FORMATS:
-        problems.append(f"format {q.format!r} is not one of {list(KERNEL_FORMATS)}")
-    if q.blocksize is None:
-        problems.append("per-channel int8 (blocksize=None) has no kernel; use backend='xla'")
-    elif q.ndim == 2 and not q.structured:
-        problems.append(f"the flat layout (storage shape {q.storage_shape}: its last axis is not a multiple "
-                        f"of blocksize={q.blocksize}, so blocks cross rows) has no kernel; use backend='xla'")
+    """Validates x's shape and q's layout for a Pallas kernel; raises ValueError naming what fails.
+
+    The layout questions are the array's (`q.kernel_problems()`: only a structured 2-D
+    QuantizedArray of a format the kernels decode answers none); x's shape and the dtype are here.
+    """
+    if not is_quantized(q):
+        raise TypeError(f"{kernel}: q must be a quantized array, got {type(q).__name__}")
+    problems = list(q.kernel_problems())
     if len(x_shape) < 1 or (q.ndim == 2 and x_shape[-1] != q.shape[0]):
         problems.append(f"x shape={tuple(x_shape)} must be (..., K) with K={q.shape[0] if q.ndim else '?'}")
     if np.dtype(dtype) not in _FLOAT_DTYPES:
         problems.append(f"compute dtype {np.dtype(dtype).name} is not float32, bfloat16 or float16")
     if problems:
         raise ValueError(f"{kernel} cannot take x shape={tuple(x_shape)} with {q!r}: " + "; ".join(problems))
-    check_leaves(q, kernel)
+    q.check_leaves(kernel)
     return WeightSpec(q.format, q.blocksize, q.transposed, q.shape[0], q.shape[1], q.double_quant)
 
 
@@ -111,11 +106,10 @@ def weight_operands(q: QuantizedArray, decode: Decode) -> tuple:
     Order: codes (R, C * bits / 8); absmax (R, C / bs) float32, or its uint8 codes when decoded
     in-kernel; [codebook (16,) float32]; [dynamic code (256,), nested absmax, offset (1,)].
     """
-    spec_bits = formats.get_format(q.format).bits
     nested = decode.nested and q.double_quant
     ops = [q.packed, q.absmax if nested else absmax_f32(q)]
-    if decode.table and spec_bits == 4:
-        ops.append(jnp.asarray(formats.get_format(q.format).codebook.code))
+    if decode.table and q.spec.bits == 4:
+        ops.append(jnp.asarray(q.spec.codebook.code))
     if nested:
         ops += [jnp.asarray(formats.DYNAMIC_CODE), q.nested_absmax, q.offset.reshape(1)]
     return tuple(ops)
@@ -124,7 +118,7 @@ def weight_operands(q: QuantizedArray, decode: Decode) -> tuple:
 def reference(x, q: QuantizedArray, compute_dtype=None):
     """The oracle of every kernel: `x @ dequantize(q)` with float32 accumulation, in compute_dtype."""
     dtype = np.dtype(compute_dtype if compute_dtype is not None else x.dtype)
-    w = dequantize(q, dtype)
+    w = q.dequantize(dtype)
     y = jnp.matmul(x.astype(dtype), w, precision=jax.lax.Precision.HIGHEST,
                    preferred_element_type=jnp.float32)
     return y.astype(dtype)

@@ -20,6 +20,7 @@ import math
 import jax
 import numpy as np
 
+from qjax._src.core.family import QuantizedBase
 from qjax._src.core.qarray import QuantizedArray
 from qjax.kernels import _platform, _tiles, qmatmul_decode, qmatmul_mosaic, qmatmul_triton
 
@@ -36,12 +37,15 @@ def _is_hopper() -> bool:
         return False
 
 
-def check(x_shape, q: QuantizedArray, dtype) -> None:
-    """Raises ValueError naming the shape, dtype or layout if no Pallas kernel takes the operands."""
+def check(x_shape, q: QuantizedBase, dtype) -> None:
+    """Raises ValueError naming the shape, dtype or layout if no Pallas kernel takes the operands.
+
+    The layout is the array's to judge (`q.kernel_problems()`); a family no kernel takes is refused here.
+    """
     _tiles.weight_spec(x_shape, q, dtype, "qmatmul(backend='pallas')")
 
 
-def can_use(x_shape, q: QuantizedArray, dtype) -> bool:
+def can_use(x_shape, q: QuantizedBase, dtype) -> bool:
     """True when a Pallas kernel takes the operands (a cheap check that never raises)."""
     try:
         check(x_shape, q, dtype)
@@ -50,13 +54,17 @@ def can_use(x_shape, q: QuantizedArray, dtype) -> bool:
     return True
 
 
-def adjoint_view(q: QuantizedArray) -> QuantizedArray | None:
-    """The weight of the backward product dy @ W^T as a QuantizedArray view, or None if there is none.
+def adjoint_view(q: QuantizedBase) -> QuantizedBase | None:
+    """The weight of the backward product dy @ W^T as a view (`q.T`), or None if the array has none.
 
-    Blockwise statistics do not depend on which axis is called K, so `q.T` (a view, no bytes moved)
-    is exact. Per-channel int8 keeps one absmax per logical column, which has no transposed view.
+    Blockwise statistics do not depend on which axis is called K, so a QuantizedArray's `q.T` (a
+    view, no bytes moved) is exact. Per-channel int8 keeps one absmax per logical column, which
+    has no transposed view (its `T` raises ValueError), nor has a family without `T`.
     """
-    return None if q.blocksize is None else q.T
+    try:
+        return q.T
+    except ValueError:
+        return None
 
 
 def select(x_shape, q: QuantizedArray, dtype, interpret: bool) -> str:

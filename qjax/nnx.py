@@ -5,7 +5,8 @@
 qjax.nnx.LoRAParam))`. `BaseParam` (an `nnx.Variable`, not an `nnx.Param`) holds the frozen base.
 """
 
-from qjax._src.flax.nnx_convert import convert, merge, prepare_for_kbit_training
+from qjax._src.flax.kbit import prepare_for_kbit_training
+from qjax._src.flax.nnx_convert import convert, merge
 from qjax._src.flax.nnx_layers import BaseParam, LoRAParam, QLoRAEinsum, QLoRALinear, QLoRALinearGeneral
 
 __all__ = ["BaseParam", "LoRAParam", "QLoRAEinsum", "QLoRALinear", "QLoRALinearGeneral", "convert", "merge",

@@ -70,3 +70,33 @@ def test_old_qlora_variables_and_adapters_restore_and_run():
         for leaf in ("lora_a", "lora_b"):
             np.testing.assert_array_equal(loaded["params"][name][leaf], restored["params"][name][leaf])
     np.testing.assert_array_equal(np.asarray(qmodel.apply(loaded, x)), expected)
+
+
+def test_old_resume_step_with_adapters_only_state_restores_and_trains_on(tmp_path):
+    """A ResumeManager step saved mid-training (adapters_only(adam) state) before the redesign."""
+    import shutil
+
+    import optax
+
+    from qjax._src.adapters import tree as ad
+
+    shutil.copytree(os.path.join(FIXTURE, "resume"), tmp_path / "resume")  # restore may tidy the directory
+    variables = qjax.checkpoint.restore(os.path.join(FIXTURE, "qlora_variables"))
+    tx = qjax.optim.adapters_only(optax.adam(1e-2))
+    template = ad.nest(ad.flat_adapters(variables))
+    with qjax.checkpoint.ResumeManager(tmp_path / "resume") as mgr:
+        state = mgr.restore(adapters=template, opt_state=tx.init(variables["params"]))
+    assert (state.step, state.data_position) == (2, 16)
+    stored = np.load(os.path.join(FIXTURE, "resume_opt_state.npz"))
+    leaves = jax.tree_util.tree_leaves(state.opt_state)
+    assert len(leaves) == len(stored.files)
+    for leaf, name in zip(leaves, sorted(stored.files)):
+        np.testing.assert_array_equal(np.asarray(leaf), stored[name])
+    params = jax.tree_util.tree_map(lambda x: x, variables["params"], is_leaf=qjax.is_quantized)
+    for layer in ("up", "out"):
+        params[layer].update(state.adapters["params"][layer])
+    grads = jax.tree_util.tree_map(lambda x: x if qjax.is_quantized(x) else jnp.ones_like(x), params,
+                                   is_leaf=qjax.is_quantized)
+    updates, new_state = tx.update(grads, state.opt_state, params)  # training goes on from the old state
+    assert int(new_state.inner[0].count) == 3
+    assert np.all(np.asarray(updates["up"]["kernel"].packed) == 0)

@@ -11,7 +11,8 @@ import qjax
 from helpers import random_weights
 from qjax._src.core import formats
 from qjax._src.core.codes import pack_codes, unpack_codes
-from qjax._src.core.qarray import check_leaves, leaf_shapes
+from qjax._src.core.family import check_leaves
+from qjax._src.core.qarray import leaf_shapes
 
 LOWBIT = ["nf2", "nf3"]
 

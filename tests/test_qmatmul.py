@@ -17,7 +17,7 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
 import qjax
-from qjax._src.matmul import qmatmul as qmatmul_module
+from qjax._src.core import blockwise_matmul as qmatmul_module
 from helpers import DTYPES, random_weights
 
 # (format, blocksize, double_quant)

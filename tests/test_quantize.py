@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import qjax
 from qjax._src.core import formats
-from qjax._src.core.quantize import absmax_f32
+from qjax._src.core.blockwise import absmax_f32
 from helpers import random_weights
 
 FORMATS_4BIT = ["nf4", "fp4"]

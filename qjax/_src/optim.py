@@ -1,9 +1,10 @@
 """optax helpers for QLoRA training: adapters_only(tx), split_adapters / merge_adapters, and
 skip_nonfinite(tx) / raise_if_nonfinite(opt_state) against NaN/Inf steps.
 
-An adapter leaf is one whose key path names `lora_a` or `lora_b` (Linen params, NNX states and
-plain dicts alike); pass `is_adapter(path_str) -> bool` to choose otherwise. QuantizedArrays count
-as one frozen leaf each.
+An adapter leaf is one whose key path names a leaf of a registered adapter variant (LoRA's
+`lora_a` / `lora_b`, see `qjax.register_variant`; Linen params, NNX states and plain dicts alike);
+pass `is_adapter(path_str) -> bool` to choose otherwise. Of those, the leaves no variant trains
+get zero updates. QuantizedArrays count as one frozen leaf each.
 """
 
 from __future__ import annotations
@@ -15,15 +16,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qjax._src.adapters.tree import ADAPTER_NAMES
+from qjax._src.adapters.variant import adapter_names, trainable_names
 from qjax._src.errors import named
 from qjax._src.paths import path_str
 from qjax._src.core.qarray import is_quantized
 
 
 def is_adapter_path(path: str) -> bool:
-    """True when a "/"-joined key path has a `lora_a` or `lora_b` component."""
-    return any(part in ADAPTER_NAMES for part in path.split("/"))
+    """True when a "/"-joined key path has a component naming a registered adapter leaf (`lora_a`, ...)."""
+    names = adapter_names()
+    return any(part in names for part in path.split("/"))
+
+
+def _trained(flat: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a {path: leaf} dict that are not adapter leaves no registered variant trains."""
+    frozen = adapter_names() - trainable_names()
+    return {name: x for name, x in flat.items() if not any(part in frozen for part in name.split("/"))}
 
 
 def _is_leaf(x) -> bool:
@@ -61,7 +69,7 @@ def merge_adapters(adapters, rest):
 
 
 class AdaptersOnlyState(NamedTuple):
-    """The inner transformation's state over the adapter leaves alone, keyed by path."""
+    """The inner transformation's state over the trained adapter leaves alone, keyed by path."""
 
     inner: optax.OptState
 
@@ -88,23 +96,26 @@ def adapters_only(tx: optax.GradientTransformation,
     exact zeros in each frozen leaf's own dtype, so `optax.apply_updates(params, updates)` leaves
     every frozen leaf (integer codes bit for bit) as it was.
     Put gradient clipping and schedules inside: `adapters_only(optax.chain(clip, adamw(schedule)))`.
+    Adapter leaves that no registered variant trains (a variant's fixed buffers) get zero updates
+    and no state, as `optax.partition` with `optax.set_to_zero` would give them; the state is `tx`'s
+    over the trained leaves alone, keyed by path, the layout resume checkpoints have always had.
     """
 
     def init_fn(params):
         flat = _flat(params, is_adapter)
         if not flat:
             names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf)[0]]
-            rule = (f"leaves whose path has a component named {' or '.join(map(repr, ADAPTER_NAMES))}"
+            rule = (f"leaves whose path has a component named {' or '.join(map(repr, sorted(adapter_names())))}"
                     if is_adapter is is_adapter_path else f"leaves for which is_adapter={is_adapter!r} is True")
             raise ValueError(f"adapters_only: found no adapter leaves ({rule}) among the {len(names)} leaves of "
                              f"params ({names[:5]}{' ...' if len(names) > 5 else ''}); the optimizer would train "
                              "nothing. Convert the model first (qjax.linen.convert / qjax.nnx.convert) and pass its "
                              "params, or pass is_adapter=")
-        return AdaptersOnlyState(tx.init(flat))
+        return AdaptersOnlyState(tx.init(_trained(flat)))
 
     def update_fn(updates, state, params=None):
-        flat_u = _flat(updates, is_adapter)
-        flat_p = _flat(params, is_adapter) if params is not None else None
+        flat_u = _trained(_flat(updates, is_adapter))
+        flat_p = _trained(_flat(params, is_adapter)) if params is not None else None
         expected = state_keys(state)
         if expected is not None and set(flat_u) != expected:
             missing = sorted(expected - set(flat_u))
@@ -116,13 +127,14 @@ def adapters_only(tx: optax.GradientTransformation,
 
         def fill(path, leaf):
             name = path_str(path)
-            if leaf is not None and not is_quantized(leaf) and is_adapter(name):
+            if name in new_u and leaf is not None and not is_quantized(leaf):
                 return new_u[name]
             return _zeros_like(leaf)
 
         return jax.tree_util.tree_map_with_path(fill, like, is_leaf=_is_leaf), AdaptersOnlyState(inner)
 
     def state_keys(state):
+        """The trained adapter paths at init: the keys of the first per-leaf dict in tx's state (None: none)."""
         for sub in jax.tree_util.tree_leaves(state.inner, is_leaf=lambda x: isinstance(x, dict)):
             if isinstance(sub, dict):
                 return set(sub)

@@ -73,7 +73,7 @@ def test_qmatmul_sharded_is_exact_and_gathers_nothing(rng, explicit, double_quan
 def test_chunk_loop_runs_per_shard_not_under_gspmd(rng, monkeypatch):
     """With a budget of a few rows: the loop runs inside qmatmul_sharded (local shards) with no
     collective, while plain jit over the mesh decodes the sharded weight in one step."""
-    from qjax._src.matmul import qmatmul as qmatmul_module
+    from qjax._src.core import blockwise_matmul as qmatmul_module
 
     monkeypatch.setattr(qmatmul_module, "CPU_CHUNK_BYTES", 4 * 512 * 4)
     mesh = make_mesh()

@@ -229,12 +229,12 @@ def test_prepare_for_kbit_training_rejects_bad_trees_and_dtypes(rng):
         qjax.prepare_for_kbit_training(None)
     model = NMLP(nnx.Rngs(0))
     with pytest.raises(TypeError, match=r"got NMLP; for an NNX model use qjax\.nnx\.prepare_for_kbit_training"):
-        qjax.prepare_for_kbit_training(model)
+        qjax.upcast_half_params(model)
     with pytest.raises(TypeError, match=r"remat must be a str, an re\.Pattern or a sequence of them.*got True "
                                         r"\(type=bool\)"):
         qn.prepare_for_kbit_training(model, remat=True)
-    with pytest.raises(TypeError, match=r"qjax\.nnx\.prepare_for_kbit_training takes an nnx\.Module, got dict"):
-        qn.prepare_for_kbit_training(tree)
+    with pytest.raises(TypeError, match=r"remat= is for NNX models .*got dict"):
+        qn.prepare_for_kbit_training(tree, remat="blocks/*")
     model.up.bias.set_value(model.up.bias.get_value().astype(jnp.bfloat16))
     with pytest.raises(TypeError, match=r"dtype=<class 'jax.numpy.int8'> must be a float dtype"):
         qn.prepare_for_kbit_training(model, dtype=jnp.int8)

@@ -11,6 +11,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from qjax._src.errors import describe
+from qjax._src.adapters.variant import AdapterVariant, LoRA, variants
 
 _INITS = ("default", "gaussian", "loftq")
 LOFTQ_METHODS = ("svd", "randomized")
@@ -79,6 +80,8 @@ class LoraConfig:
       computes), "gaussian" or "loftq" (loftq_iter >= 1 rounds).
     loftq_method: "svd" (exact) or "randomized" (randomized range finder: only matmuls and thin
       QRs touch the full matrix, for large kernels; see docs/loftq.md).
+    variant: the adapter's kind, an instance of a registered AdapterVariant (default LoRA(); see
+      docs/extending.md): which leaves it adds, its delta, merge and PEFT form.
     Every field is checked here: TypeError for a wrong type, ValueError for a value out of
     range, each naming the field, the value and its type (and the valid choices).
     """
@@ -92,6 +95,7 @@ class LoraConfig:
     init: str = "default"
     loftq_iter: int = 1
     loftq_method: str = "svd"
+    variant: AdapterVariant = LoRA()
 
     def __post_init__(self):
         def put(name, value):
@@ -113,6 +117,12 @@ class LoraConfig:
         put("init", _choice(self.init, "init", _INITS))
         put("loftq_iter", _int(self.loftq_iter, "loftq_iter", 1))
         put("loftq_method", _choice(self.loftq_method, "loftq_method", LOFTQ_METHODS))
+        if not isinstance(self.variant, AdapterVariant):
+            raise TypeError(f"LoraConfig.variant must be an AdapterVariant instance such as qjax.LoRA(), "
+                            f"{_got(self.variant)}")
+        if type(self.variant) not in variants():
+            raise ValueError(f"LoraConfig.variant {self.variant!r} is not registered; decorate "
+                             f"{type(self.variant).__name__} with qjax.register_variant")
         if self.target_modules is None:
             raise TypeError("LoraConfig.target_modules=None: pass 'all-linear' (every linear layer but the output "
                             "head) or patterns such as ['q_proj', 'v_proj'] or 're:.*attn.*'")

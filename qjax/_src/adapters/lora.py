@@ -1,28 +1,37 @@
-"""LoRA math shared by the Linen and NNX layers: pure functions of arrays, no Flax.
+"""The adapted layer, shared by the Linen and NNX layers and the converters: pure functions of arrays, no Flax.
 
-A LoRA linear layer maps x (..., *in_shape) to (..., *out_shape) with a frozen base kernel W (see
-`qjax._src.matmul.base`) and trainable adapters A (*in_shape, r), B (r, *out_shape):
+A layer maps x (..., *in) to (..., *out) with a frozen base kernel W (see `qjax._src.matmul.base`)
+and the adapter leaves of its LoraConfig's variant (`qjax._src.adapters.variant`):
 
-    y = x . W  (+ bias)  +  scaling * dropout(x) . A . B
+    y = x . W  (+ bias)  +  variant.delta(dropout(x), x . W, W)
 
-Einsum kernels with batch axes (per-expert weights) get one adapter pair per batch index; their
-products are vmapped over those axes.
+Einsum kernels with batch axes (per-expert weights) get one adapter per batch index; their
+deltas are vmapped over those axes. `lora_linear` is LoRA's (lora_a, lora_b) pair spelled out.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
 from qjax._src.errors import describe, float_dtype
 from qjax._src.core.qarray import is_quantized
-from qjax._src.matmul.base import (EinsumPlan, _prod, base_matmul, dense_kernel, vmap_lead)
-from qjax._src.matmul.qmatmul import explicit_sharding
+from qjax._src.matmul.base import EinsumPlan, base_matmul, dense_kernel, vmap_lead
+from qjax._src.adapters.variant import LoRA
+
+_LORA = LoRA()
+
+
+def _prod(shape) -> int:
+    return int(np.prod(tuple(shape), dtype=np.int64))
+
+
+def _pair(lora_a, lora_b) -> dict | None:
+    return None if lora_a is None and lora_b is None else {"lora_a": lora_a, "lora_b": lora_b}
+
 
 def check_rank(r: int, in_shape: Sequence[int], out_shape: Sequence[int], where: str) -> None:
     """Raises ValueError unless 1 <= r <= min(prod(in_shape), prod(out_shape))."""
@@ -33,14 +42,15 @@ def check_rank(r: int, in_shape: Sequence[int], out_shape: Sequence[int], where:
                          "lower LoraConfig.r or exclude this layer")
 
 
-def check_layer(where: str, kernel, lora_a, lora_b, *, in_shape: Sequence[int], out_shape: Sequence[int],
-                stack: Sequence[int] = (), r: int | None = None, dense_shape: Sequence[int] | None = None) -> None:
+def check_params(where: str, kernel, params: Mapping[str, Any] | None, *, lora_config, in_shape: Sequence[int],
+                 out_shape: Sequence[int], stack: Sequence[int] = (),
+                 dense_shape: Sequence[int] | None = None) -> None:
     """Raises ValueError, naming `where` and every leaf that does not fit, for a layer's stored leaves.
 
     kernel: a 2-D QuantizedArray (prod(in), prod(out)) stacked over `stack`, or dense of shape
-    `dense_shape` (default (*stack, *in, *out)); None skips it. r: the adapters'
-    rank (None: the layer has no adapters, lora_a / lora_b are not checked), lora_a
-    (*stack, *in, r), lora_b (*stack, r, *out).
+    `dense_shape` (default (*stack, *in, *out)); None skips it. lora_config: None (the layer has
+    no adapters, params are not checked) or the LoraConfig whose variant's leaves (rank r,
+    stacked over `stack`) params must hold.
     """
     in_shape, out_shape, stack = tuple(in_shape), tuple(out_shape), tuple(stack)
     problems = []
@@ -53,12 +63,9 @@ def check_layer(where: str, kernel, lora_a, lora_b, *, in_shape: Sequence[int], 
         want = tuple(dense_shape) if dense_shape is not None else stack + in_shape + out_shape
         if tuple(np.shape(kernel)) != want:
             problems.append(f"kernel ({describe(kernel)}) should have shape {want}")
-    if r is not None:
-        for name, x, want in (("lora_a", lora_a, stack + in_shape + (r,)), ("lora_b", lora_b, stack + (r,) + out_shape)):
-            if x is None:
-                problems.append(f"{name} is missing")
-            elif tuple(np.shape(x)) != want:
-                problems.append(f"{name} ({describe(x)}) should have shape {want}")
+    r = lora_config.r if lora_config is not None else None
+    if lora_config is not None:
+        problems += lora_config.variant.check(params or {}, in_shape=in_shape, out_shape=out_shape, r=r, lead=stack)
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems) + f" (a layer of in_shape={in_shape}, "
                          f"out_shape={out_shape}{f', r={r}' if r is not None else ''}"
@@ -67,13 +74,16 @@ def check_layer(where: str, kernel, lora_a, lora_b, *, in_shape: Sequence[int], 
 
 
 def check_layer_configs(lora_config, quant_config, where: str) -> None:
-    """A QLoRA layer's lora_config (None or a LoraConfig) and quant_config (None or a QuantConfig); TypeError otherwise."""
+    """A QLoRA layer's lora_config (None or a LoraConfig) and quant_config (None, a QuantConfig, or any config
+    with `quantize(w)` returning a quantized array: a custom family's); TypeError otherwise."""
     from qjax._src.adapters.config import LoraConfig
-    from qjax._src.core.policy import QuantConfig
 
-    for name, value, cls in (("lora_config", lora_config, LoraConfig), ("quant_config", quant_config, QuantConfig)):
-        if value is not None and not isinstance(value, cls):
-            raise TypeError(f"{where}: {name} must be a qjax.{cls.__name__} or None, got {value!r} ({describe(value)})")
+    if lora_config is not None and not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"{where}: lora_config must be a qjax.LoraConfig or None, got {lora_config!r} "
+                        f"({describe(lora_config)})")
+    if quant_config is not None and not callable(getattr(quant_config, "quantize", None)):
+        raise TypeError(f"{where}: quant_config must be a qjax.QuantConfig or None, got {quant_config!r} "
+                        f"({describe(quant_config)}); a custom family's config needs a quantize(w) method")
 
 
 def check_merge_args(dtype, requantize) -> None:
@@ -87,55 +97,21 @@ def check_merge_args(dtype, requantize) -> None:
         raise TypeError(f"requantize must be a qjax.QuantConfig or None, got {requantize!r} ({describe(requantize)})")
 
 
-
-def init_adapters(key, in_shape: Sequence[int], out_shape: Sequence[int], r: int, init: str,
-                  dtype=jnp.float32, lead: Sequence[int] = ()):
-    """(lora_a (*lead, *in_shape, r), lora_b (*lead, r, *out_shape)) as PEFT initializes them.
-
-    init "default": A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's kaiming_uniform_(a=sqrt(5)),
-    PEFT's default), B = 0. "gaussian": A ~ N(0, 1/r^2), B = 0. Either way B = 0, so the adapted
-    layer starts out computing exactly what its base computes.
-    "loftq" needs the base weight and a quantizer (`loftq_kernel`); here, for a layer whose base
-    stays dense (16-bit LoRA, or a layer a QuantRules keeps in 16 bits), there is no quantization
-    error to correct, so it falls back to "default" (the layer computes the original one).
-    """
-    in_shape, out_shape, lead = tuple(in_shape), tuple(out_shape), tuple(lead)
-    a_shape = lead + in_shape + (r,)
-    if init in ("default", "loftq"):
-        bound = 1.0 / math.sqrt(_prod(in_shape))
-        a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
-    elif init == "gaussian":
-        a = jax.random.normal(key, a_shape, jnp.float32) / r
-    else:
-        raise ValueError(f"Unknown LoRA init {init!r}. It needs to be one of ['default', 'gaussian', 'loftq'].")
-    b = jnp.zeros(lead + (r,) + out_shape, dtype)
-    return a.astype(dtype), b
+# ----------------------------------------------------------------------------- init
 
 
+def init_params(key, in_shape: Sequence[int], out_shape: Sequence[int], lora_config, dtype=jnp.float32,
+                lead: Sequence[int] = ()) -> dict[str, jax.Array]:
+    """{leaf: array}: the adapter of lora_config's variant (rank r, init) for a layer (*in) -> (*out),
+    stacked over `lead`; the layer starts out computing its base."""
+    return lora_config.variant.init(key, tuple(in_shape), tuple(out_shape), lora_config.r, init=lora_config.init,
+                                    dtype=dtype, lead=tuple(lead))
 
-def loftq_kernel(kernel, n_in: int, lora_config, quant_config, lead: int = 0):
-    """LoftQ init of one layer (or a stack of `lead`-axis layers): (q, lora_a, lora_b).
 
-    kernel: dense (*lead, *in, *out) (Einsum kernels permuted first, `permute_einsum_kernel`, their
-    batch axes counted in `lead`): the first `n_in` axes after lead are the in axes. Each layer's
-    kernel is flattened to (prod(in), prod(out)) and initialized by `qjax.loftq_init` (rank
-    lora_config.r, lora_config.loftq_iter iterations, the scaling folded in); stacked layers are
-    handled one by one with vmap. Returns q: a 2-D QuantizedArray (with the lead axes on its
-    leaves, like `quantize_kernel`), lora_a (*lead, *in, r), lora_b (*lead, r, *out), float32, with
-    `x . deq(q) + scaling * x . lora_a . lora_b ≈ x . kernel`.
-    """
-    from qjax._src.adapters.loftq import loftq_init
-
-    shape = tuple(kernel.shape)
-    in_shape, out_shape = shape[lead:lead + n_in], shape[lead + n_in:]
-    flat = jnp.reshape(kernel, shape[:lead] + (_prod(in_shape), _prod(out_shape)))
-    if lead and not isinstance(kernel, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(kernel))):
-        raise ValueError(f"kernel of shape={shape} holds NaN/Inf values; quantizing it would give wrong codes")
-    q, a, b = vmap_lead(lambda w: loftq_init(w, lora_config, quant_config), lead)(flat)
-    r = lora_config.r
-    return (q, jnp.reshape(a, shape[:lead] + in_shape + (r,)).astype(jnp.float32),
-            jnp.reshape(b, shape[:lead] + (r,) + out_shape).astype(jnp.float32))
-
+def loftq_params(kernel, n_in: int, lora_config, quant_config, lead: int = 0):
+    """(q, {leaf: array}): LoftQ init by lora_config's variant of dense kernel (*lead, *in, *out)
+    (Einsum kernels permuted first, `permute_einsum_kernel`, their batch axes counted in `lead`)."""
+    return lora_config.variant.loftq(kernel, n_in, lora_config, quant_config, lead)
 
 
 def wants_loftq(lora_config, quant_config) -> bool:
@@ -143,32 +119,7 @@ def wants_loftq(lora_config, quant_config) -> bool:
     return lora_config is not None and quant_config is not None and lora_config.init == "loftq"
 
 
-
-def _explicit_delta_shardings(x, a, b, n_in: int):
-    """Output specs of the two adapter dots on a mesh with Explicit axes (None elsewhere).
-
-    Explicit axes make a dot over a sharded contraction ambiguous; the adapter's rank axis is
-    small, so x @ A is reduced to x's batch sharding, and (x @ A) @ B is split like B's out axes.
-    """
-    specs = [explicit_sharding(t)[1] for t in (x, a, b)]
-    if all(s is None for s in specs):
-        return None, None
-    pad = lambda spec, n: tuple(spec or ()) + (None,) * (n - len(tuple(spec or ())))  # noqa: E731
-    batch = pad(specs[0], x.ndim)[: x.ndim - n_in]
-    out = pad(specs[2], b.ndim)[1:]
-    return PartitionSpec(*batch, None), PartitionSpec(*batch, *out)
-
-
-def lora_delta(x, lora_a, lora_b, *, n_in: int, scaling: float, precision=None):
-    """scaling * x (..., *in) . A (*in, r) . B (r, *out) -> (..., *out), in the promoted dtype of x and A."""
-    dtype = jnp.promote_types(x.dtype, lora_a.dtype)
-    x, a, b = x.astype(dtype), lora_a.astype(dtype), lora_b.astype(dtype)
-    h_sharding, y_sharding = _explicit_delta_shardings(x, a, b, n_in)
-    h = jax.lax.dot_general(x, a, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-                            precision=precision, out_sharding=h_sharding)
-    y = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())), precision=precision,
-                            out_sharding=y_sharding)
-    return y * jnp.asarray(scaling, dtype)
+# ----------------------------------------------------------------------------- the layer
 
 
 def dropout(x, rate: float, key):
@@ -179,86 +130,99 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
-def lora_linear(x, kernel, bias, lora_a, lora_b, *, n_in: int, out_shape: Sequence[int], scaling: float,
-                compute_dtype, out_dtype, precision=None, dropout_rate: float = 0.0, dropout_key=None,
-                backend: str = "auto", interpret: bool = False, int8_threshold: float | None = None):
-    """The adapted layer: (base(x) + bias + scaling * dropout(x) A B) cast to out_dtype.
+def _from_result(plan: EinsumPlan, y, kept: str):
+    """y in the equation's output order -> (*batch, *kept, *out): the inverse of `plan.to_result`.
 
-    x: (..., *in). kernel: see `base_matmul`. bias: (*out) or None. lora_a/lora_b: (*in, r) /
-    (r, *out), or both None (a quantized layer without adapters). The base runs in compute_dtype
-    (bitsandbytes' compute dtype), the adapters in the promoted dtype of x and lora_a (PEFT), and
-    the sum is cast to out_dtype, the dtype the original layer returns.
+    kept: `plan.to_in_last`'s (the ellipsis expanded: its labels are the kept ones the written
+    lhs does not name).
     """
-    y = base_matmul(x, kernel, n_in=n_in, out_shape=out_shape, compute_dtype=compute_dtype,
-                    precision=precision, backend=backend, interpret=interpret, int8_threshold=int8_threshold)
-    if bias is not None:
-        bias = jnp.asarray(bias).astype(y.dtype)
-        y = y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
-    if lora_a is not None:
-        delta = lora_delta(dropout(x, dropout_rate, dropout_key), lora_a, lora_b, n_in=n_in,
-                           scaling=scaling, precision=precision)
-        # With B = 0 the delta is exactly zero and the sum is the base output bit for bit.
-        dtype = jnp.promote_types(y.dtype, delta.dtype)
-        y = (y.astype(dtype) + delta.astype(dtype))
-    return y.astype(out_dtype)
+    res = plan.res.replace("...", "".join(c for c in kept if c not in plan.lhs))
+    src = plan.batch_labels + kept + plan.out_labels
+    return y if src == res else jnp.einsum(f"{res}->{src}", y)
 
 
+def adapted(x, kernel, bias, params: Mapping[str, Any] | None, *, variant, scaling: float, out_shape: Sequence[int],
+            compute_dtype, out_dtype, n_in: int | None = None, plan: EinsumPlan | None = None, precision=None,
+            drop: Callable | None = None, backend: str = "auto", interpret: bool = False,
+            int8_threshold: float | None = None):
+    """The adapted layer: (base(x) + bias + variant.delta(drop(x), base(x), W)) cast to out_dtype.
 
-def merged_kernel(kernel, lora_a, lora_b, *, in_shape: Sequence[int], out_shape: Sequence[int],
-                  scaling: float, dtype) -> jax.Array:
-    """W + scaling * A @ B as a dense (*in, *out) array in dtype (the sum is taken in float32)."""
-    w = dense_kernel(kernel, in_shape, out_shape, jnp.float32)
-    if lora_a is not None:
-        k, n, r = _prod(in_shape), _prod(out_shape), lora_a.shape[-1]
-        a = jnp.reshape(lora_a.astype(jnp.float32), (k, r))
-        b = jnp.reshape(lora_b.astype(jnp.float32), (r, n))
-        delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * np.float32(scaling)
-        w = w + jnp.reshape(delta, w.shape)
-    return w.astype(dtype)
-
-
-
-def einsum_lora(x, plan: EinsumPlan, kernel, bias, lora_a, lora_b, *, out_shape: Sequence[int], scaling: float,
-                compute_dtype, out_dtype, precision=None, dropout_rate: float = 0.0, dropout_key=None,
-                backend: str = "auto", interpret: bool = False, int8_threshold: float | None = None):
-    """An adapted Einsum layer: einsum(x, W) (+ bias) + scaling * dropout(x) . A . B, in the equation's layout.
-
-    kernel: a QuantizedArray (prod(in), prod(out)) of the kernel permuted to (*batch, *in, *out),
-    stacked over the batch axes (one matrix per batch index; goes through `qmatmul`, vmapped over
-    the batch axes), or the dense kernel in its own layout (computed with `jnp.einsum` as
-    nn.Einsum does). bias: (*bias_labels) in output order, or None. lora_a (*batch, *in, r),
-    lora_b (*batch, r, *out) (one adapter per batch index), or both None. out_shape: the out axes'
-    sizes (in output order). Returns out_dtype.
+    x: (..., *in) for a Dense-like layer (n_in in axes), or the input of `plan`'s einsum.
+    kernel: see `base_matmul` (an Einsum's: a QuantizedArray (prod(in), prod(out)) of the kernel
+    permuted to (*batch, *in, *out), stacked over the batch axes, or the dense kernel in its own
+    layout). bias: (*out) (an Einsum's: plan.bias_labels) or None. params: the variant's leaves
+    (with the einsum's batch axes leading), or None (a layer without adapters). drop: dropout
+    applied to the adapter's input (None: none). The base runs in compute_dtype (bitsandbytes'),
+    the adapter in its own promoted dtype (PEFT); the sum is cast to out_dtype.
     """
-    x2, kept = plan.to_in_last(x)
-    n_in, n_batch = len(plan.in_labels), len(plan.batch_labels)
-    if is_quantized(kernel):
-        base = lambda xb, k: base_matmul(xb, k, n_in=n_in, out_shape=out_shape,  # noqa: E731
-                                         compute_dtype=compute_dtype, precision=precision, backend=backend,
-                                         interpret=interpret, int8_threshold=int8_threshold)
-        y = plan.to_result(vmap_lead(base, n_batch)(x2, kernel), kept, x.ndim)
+    if plan is None:
+        x2, n_batch = x, 0
+        base = base_matmul(x, kernel, n_in=n_in, out_shape=out_shape, compute_dtype=compute_dtype,
+                           precision=precision, backend=backend, interpret=interpret, int8_threshold=int8_threshold)
+        to_result = lambda y: y  # noqa: E731
+        bias_shape = lambda b: (1,) * (base.ndim - b.ndim) + b.shape  # noqa: E731
     else:
-        y = jnp.einsum(plan.einsum_str, x.astype(compute_dtype), jnp.asarray(kernel).astype(compute_dtype),
-                       precision=precision)
+        x2, kept = plan.to_in_last(x)
+        n_in, n_batch = len(plan.in_labels), len(plan.batch_labels)
+        if is_quantized(kernel):
+            base = vmap_lead(lambda xb, k: base_matmul(xb, k, n_in=n_in, out_shape=out_shape,
+                                                       compute_dtype=compute_dtype, precision=precision,
+                                                       backend=backend, interpret=interpret,
+                                                       int8_threshold=int8_threshold), n_batch)(x2, kernel)
+        else:  # as nn.Einsum computes it, then (a transpose) in the adapter's layout
+            base = _from_result(plan, jnp.einsum(plan.einsum_str, x.astype(compute_dtype),
+                                                 jnp.asarray(kernel).astype(compute_dtype), precision=precision), kept)
+            kernel = jnp.transpose(jnp.asarray(kernel), plan.perm)  # one dense matrix per batch index
+        to_result = lambda y: plan.to_result(y, kept, x.ndim)  # noqa: E731
+        bias_shape = lambda b: plan.bias_shape(x.ndim, b.shape)  # noqa: E731
+    y = to_result(base)
     if bias is not None:
         bias = jnp.asarray(bias).astype(y.dtype)
-        y = y + jnp.reshape(bias, plan.bias_shape(x.ndim, bias.shape))
-    if lora_a is not None:
-        delta = vmap_lead(lambda xb, a, b: lora_delta(xb, a, b, n_in=n_in, scaling=scaling, precision=precision),
-                          n_batch)(dropout(x2, dropout_rate, dropout_key), lora_a, lora_b)
-        delta = plan.to_result(delta, kept, x.ndim)
+        y = y + jnp.reshape(bias, bias_shape(bias))
+    if params is not None:
+        xd = drop(x2) if drop is not None else x2
+        delta = vmap_lead(lambda p, xb, bb, k: variant.delta(p, xb, bb, k, n_in=n_in, scaling=scaling,
+                                                              precision=precision), n_batch)(
+            dict(params), xd, base, kernel)
+        delta = to_result(delta)
+        # With B = 0 the delta is exactly zero and the sum is the base output bit for bit.
         dtype = jnp.promote_types(y.dtype, delta.dtype)
         y = y.astype(dtype) + delta.astype(dtype)
     return y.astype(out_dtype)
 
 
-def einsum_merged_kernel(plan: EinsumPlan, kernel, lora_a, lora_b, *, kernel_shape: Sequence[int],
-                         scaling: float, dtype) -> jax.Array:
-    """W + scaling * A @ B as a dense kernel in the Einsum's own layout `kernel_shape` (per batch index)."""
+def lora_linear(x, kernel, bias, lora_a, lora_b, *, n_in: int, out_shape: Sequence[int], scaling: float,
+                compute_dtype, out_dtype, precision=None, dropout_rate: float = 0.0, dropout_key=None,
+                backend: str = "auto", interpret: bool = False, int8_threshold: float | None = None):
+    """`adapted` with LoRA's pair lora_a (*in, r) / lora_b (r, *out) (both None: no adapters) and dropout."""
+    return adapted(x, kernel, bias, _pair(lora_a, lora_b), variant=_LORA, scaling=scaling, out_shape=out_shape,
+                   compute_dtype=compute_dtype, out_dtype=out_dtype, n_in=n_in, precision=precision,
+                   drop=lambda t: dropout(t, dropout_rate, dropout_key), backend=backend, interpret=interpret,
+                   int8_threshold=int8_threshold)
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def merged_params(kernel, params: Mapping[str, Any] | None, *, variant, scaling: float, in_shape: Sequence[int],
+                  out_shape: Sequence[int], dtype) -> jax.Array:
+    """One matrix's kernel with its adapter folded in (`variant.merge`), dense (*in, *out) in dtype,
+    summed in float32. kernel: a 2-D QuantizedArray (prod(in), prod(out)) or dense (*in, *out).
+    params: the variant's leaves (no lead axes), or None (the kernel alone; variant unused).
+    """
+    w = dense_kernel(kernel, tuple(in_shape), tuple(out_shape), jnp.float32)
+    if params is not None:
+        w = variant.merge(params, w, scaling=scaling)
+    return w.astype(dtype)
+
+
+def einsum_merged_params(plan: EinsumPlan, kernel, params: Mapping[str, Any] | None, *, variant, scaling: float,
+                         kernel_shape: Sequence[int], dtype) -> jax.Array:
+    """`merged_params` of an Einsum layer, in the Einsum's own layout `kernel_shape` (per batch index)."""
     in_shape, out_shape = plan.in_shape(kernel_shape), plan.out_shape(kernel_shape)
     if not is_quantized(kernel):
         kernel = jnp.transpose(jnp.asarray(kernel), plan.perm)
-    fn = lambda k, a, b: merged_kernel(k, a, b, in_shape=in_shape, out_shape=out_shape,  # noqa: E731
-                                       scaling=scaling, dtype=dtype)
-    w = vmap_lead(fn, len(plan.batch_labels))(kernel, lora_a, lora_b)
+    fn = lambda k, p: merged_params(k, p, variant=variant, scaling=scaling, in_shape=in_shape,  # noqa: E731
+                                    out_shape=out_shape, dtype=dtype)
+    w = vmap_lead(fn, len(plan.batch_labels))(kernel, None if params is None else dict(params))
     return jnp.transpose(w, plan.inverse_perm())

@@ -1,9 +1,11 @@
-"""Finding LoRA adapters in a variables tree or an NNX model, and putting them back.
+"""Finding adapters in a variables tree or an NNX model, and putting them back.
 
-Adapters are the leaves named `lora_a` (*in, r) and `lora_b` (r, *out) (with the leading
-axes of stacked layers, then those of per-expert layers, first); their module is the path above them. Works over plain nested dicts (Linen variables), `nnx.State`, and
-NNX modules (read with `nnx.state`, written with `nnx.update`), without importing the
-Flax modules that create them.
+Adapters are the leaves named by a registered adapter variant (`variant.adapter_names`: LoRA's
+`lora_a` (*in, r) and `lora_b` (r, *out), with the leading axes of stacked layers, then those of
+per-expert layers, first); their module is the path above them, and the set of leaf names there
+tells its variant. Works over plain nested dicts (Linen variables), `nnx.State`, and NNX modules
+(read with `nnx.state`, written with `nnx.update`), without importing the Flax modules that
+create them.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import numpy as np
 
 from qjax._src.paths import path_keys, set_in
 from qjax._src.core.qarray import is_quantized
-
-ADAPTER_NAMES = ("lora_a", "lora_b")
+from qjax._src.adapters.variant import LoRA, adapter_names, variant_for
 
 Path = tuple  # of str (dict keys / attribute names) and int (sequence indices)
 
@@ -59,15 +60,16 @@ def layer_path(path, j: int, i: int, stacked_module: str, nnx: bool) -> tuple:
     return path[:j + 1] + (i,) + path[j + 1:] if nnx else path[:j] + (f"{stacked_module}_{i}",) + path[j + 1:]
 
 
-def _is_adapter_path(path) -> bool:
-    return bool(path) and str(path[-1]) in ADAPTER_NAMES
+def is_adapter_path(path) -> bool:
+    """True when a key path (a tuple of keys) ends in a registered variant's adapter leaf name."""
+    return bool(path) and str(path[-1]) in adapter_names()
 
 
 def as_tree(variables_or_model) -> Any:
     """The tree to read: the module's `nnx.state` adapters as a pure dict, or the tree itself."""
     if is_nnx_module(variables_or_model):
         from flax import nnx
-        return _to_pure(nnx.state(variables_or_model, lambda path, _: _is_adapter_path(path)))
+        return _to_pure(nnx.state(variables_or_model, lambda path, _: is_adapter_path(path)))
     if hasattr(variables_or_model, "to_pure_dict"):  # nnx.State
         return _to_pure(variables_or_model)
     return variables_or_model
@@ -79,53 +81,50 @@ def _to_pure(state):
 
 
 def flat_adapters(variables_or_model) -> dict[Path, Any]:
-    """{path: array} for every `lora_a` / `lora_b` leaf, in tree order.
+    """{path: array} for every adapter leaf (`is_adapter_path`), in tree order.
 
     Raises ValueError when there is none (naming what was searched).
     """
     tree = as_tree(variables_or_model)
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
-    out = {path_keys(p): x for p, x in leaves if _is_adapter_path(path_keys(p))}
+    out = {path_keys(p): x for p, x in leaves if is_adapter_path(path_keys(p))}
     if not out:
-        raise ValueError(f"found no adapters (leaves named {ADAPTER_NAMES}) in the given "
+        raise ValueError(f"found no adapters (leaves named {tuple(sorted(adapter_names()))}) in the given "
                          f"{type(variables_or_model).__name__}; convert the model to QLoRA first")
     return out
 
 
 def modules(flat: dict[Path, Any]) -> dict[Path, dict[str, Any]]:
-    """Groups adapters by module path: {module_path: {"lora_a": A, "lora_b": B}}.
+    """Groups adapters by module path: {module_path: {leaf name: array}} (LoRA: {"lora_a": A, "lora_b": B}).
 
-    Raises ValueError for a module with only one of the pair or with inconsistent shapes.
+    Raises ValueError for a module whose leaf names are not exactly one registered variant's
+    (e.g. only one of LoRA's pair) or whose shapes do not fit that variant's layout.
     """
     groups: dict[Path, dict[str, Any]] = {}
     for path, x in flat.items():
         groups.setdefault(path[:-1], {})[str(path[-1])] = x
-    for mod, pair in groups.items():
+    for mod, leaves in groups.items():
         name = "/".join(map(str, mod))
-        if set(pair) != set(ADAPTER_NAMES):
-            raise ValueError(f"module {name!r} has {sorted(pair)}; an adapter needs both lora_a and lora_b")
-        a, b = np.shape(pair["lora_a"]), np.shape(pair["lora_b"])
-        if stacked_axes(a, b) is None:
-            raise ValueError(f"module {name!r}: lora_a shape={a} and lora_b shape={b} do not chain "
-                             "as (*lead, *in, r) @ (*lead, r, *out)")
+        variant = variant_for(leaves, f"module {name!r}")
+        if variant.layout({k: np.shape(v) for k, v in leaves.items()}) is None:
+            shapes = ", ".join(f"{k} shape={np.shape(v)}" for k, v in leaves.items())
+            raise ValueError(f"module {name!r}: {shapes} do not fit the {variant.name!r} adapter's layout "
+                             f"{dict(variant.axes)}" + (" (they do not chain as (*lead, *in, r) @ (*lead, r, *out))"
+                                                        if variant is LoRA else ""))
     return groups
 
 
-def stacked_axes(a_shape, b_shape) -> int | None:
-    """How many leading axes lora_a (*lead, *in, r) and lora_b (*lead, r, *out) share.
+def stacked_axes(leaves: dict[str, Any]) -> int | None:
+    """How many leading axes one module's adapter leaves share ({leaf name: array or shape}).
 
-    0 for a plain layer (b_shape[0] is the rank), k when the first k axes are stacked: layers of
-    scanned / vmapped modules, or the batch axes of a per-expert (batched einsum) layer, which the
-    shapes cannot tell apart. None when the shapes do not chain. When several k fit (a stack of
-    as many layers or experts as the rank), the largest is taken.
+    0 for a plain layer, k when the first k axes are stacked: layers of scanned / vmapped
+    modules, or the batch axes of a per-expert (batched einsum) layer, which the shapes cannot
+    tell apart. None when the shapes fit no layout of the module's variant. When several k fit (a
+    stack of as many layers or experts as the rank), the largest is taken.
     """
-    a, b = tuple(a_shape), tuple(b_shape)
-    if len(a) < 2 or len(b) < 2:
-        return None
-    for k in reversed(range(min(len(a), len(b)) - 1)):
-        if a[:k] == b[:k] and b[k] == a[-1]:
-            return k
-    return None
+    shapes = {k: tuple(v) if isinstance(v, tuple) else np.shape(v) for k, v in leaves.items()}
+    layout = variant_for(shapes).layout(shapes)
+    return None if layout is None else len(layout.lead)
 
 
 def nest(flat: dict[Path, Any]) -> dict:
@@ -144,7 +143,7 @@ def replace_adapters(variables_or_model, new: dict[Path, Any]):
     if is_nnx_module(variables_or_model):
         from flax import nnx
         model = variables_or_model
-        state = nnx.state(model, lambda path, _: _is_adapter_path(path))
+        state = nnx.state(model, lambda path, _: is_adapter_path(path))
         pure = _to_pure(state)
         for path, x in new.items():
             set_in(pure, path, x)

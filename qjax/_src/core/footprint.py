@@ -10,7 +10,7 @@ import numpy as np
 
 from qjax._src.errors import describe
 from qjax._src.paths import path_str
-from qjax._src.core.qarray import QuantizedArray, check_leaves, is_quantized
+from qjax._src.core.family import is_quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,9 +19,9 @@ class LeafFootprint:
     kind: str           # "quantized" or "dense"
     shape: tuple[int, ...]
     dtype: str          # original dtype (for quantized leaves) or the array's dtype
-    format: str | None  # "nf4", ... or None for dense leaves
+    format: str | None  # the array's `format_label` ("nf4", ..., or a family's name), None for dense leaves
     params: int         # logical number of parameters
-    nbytes: int         # bytes held, every child of a QuantizedArray included
+    nbytes: int         # bytes held, every leaf of a quantized array included
 
     @property
     def bits_per_param(self) -> float:
@@ -106,16 +106,16 @@ def memory_footprint(tree) -> Footprint:
     Works on concrete arrays and on `jax.ShapeDtypeStruct` trees (e.g. from `jax.eval_shape`),
     so the footprint of a model too large to build can be read off its shapes.
     Raises TypeError naming a leaf that is not an array (a str, an object), ValueError naming a
-    QuantizedArray whose leaves disagree with its static data.
+    quantized array whose leaves disagree with its static data.
     """
     rows = []
     for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]:
         name = path_str(path)
-        if isinstance(x, QuantizedArray):
-            check_leaves(x, name, stacked=True)
+        if is_quantized(x):
+            x.check_leaves(name, stacked=True)
             stack = x.stack_shape
             rows.append(LeafFootprint(name, "quantized", stack + tuple(x.shape), np.dtype(x.dtype).name,
-                                      x.format, x.size * math.prod(stack), x.nbytes))
+                                      x.format_label, x.size * math.prod(stack), x.nbytes))
         elif hasattr(x, "dtype") and hasattr(x, "shape"):
             rows.append(LeafFootprint(name, "dense", tuple(np.shape(x)), np.dtype(x.dtype).name,
                                       None, math.prod(np.shape(x)), _nbytes(x)))

@@ -163,10 +163,20 @@ class Format:
     name: str
     bits: int
     codebook: Codebook | None
+    kernel: bool = False  # the Pallas kernels in `qjax.kernels` decode it
 
     @property
     def is_linear(self) -> bool:
         return self.codebook is None
+
+    @property
+    def is_bnb_4bit(self) -> bool:
+        """A 4-bit codebook format, as bitsandbytes' `Params4bit` stores (nf4, fp4)."""
+        return self.bits == 4 and not self.is_linear
+
+    def is_llm_int8(self, blocksize) -> bool:
+        """True for per-output-channel int8 (blocksize None), the weights LLM.int8 multiplies."""
+        return self.is_linear and blocksize is None
 
     @property
     def group(self) -> int:
@@ -179,11 +189,11 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "nf4": Format("nf4", 4, Codebook.from_code(NF4_CODE)),
-    "fp4": Format("fp4", 4, Codebook.from_code(FP4_CODE)),
+    "nf4": Format("nf4", 4, Codebook.from_code(NF4_CODE), kernel=True),
+    "fp4": Format("fp4", 4, Codebook.from_code(FP4_CODE), kernel=True),
     "nf3": Format("nf3", 3, Codebook.from_code(NF3_CODE)),
     "nf2": Format("nf2", 2, Codebook.from_code(NF2_CODE)),
-    "int8": Format("int8", 8, None),
+    "int8": Format("int8", 8, None, kernel=True),
 }
 
 # Blocksizes bitsandbytes accepts for 4-bit and 8-bit blockwise quantization.

@@ -117,7 +117,7 @@ class QuantConfig:
     @property
     def is_llm_int8(self) -> bool:
         """True when matmuls should use `int8_matmul` (per-channel int8 weights)."""
-        return self.format == "int8" and self.blocksize is None
+        return formats.get_format(self.format).is_llm_int8(self.blocksize)
 
     def quantize(self, x, *, transposed: bool = False, check_finite: bool = True) -> QuantizedArray:
         return quantize(x, self.format, blocksize=self.blocksize, double_quant=self.double_quant,

@@ -14,15 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._src.core import formats
-from qjax._src.core.codes import code_index, lookup, pack_codes, unpack_codes
-from qjax._src.core.qarray import QuantizedArray, check_leaves, is_structured
+from qjax._src.core.codes import code_index, pack_codes
+from qjax._src.core import blockwise
+from qjax._src.core.blockwise import blocks_of, int8_absmax_axes, round_product
+from qjax._src.core.family import check_quantized, is_quantized
+from qjax._src.core.qarray import QuantizedArray, is_structured
 from qjax._src.errors import describe, float_dtype
 
 _F32 = jnp.float32
 # bitsandbytes clamps a zero absmax of the last partial block to this value (and stores it).
 _PARTIAL_ABSMAX_FLOOR = np.float32(1e-38)
 _FLOAT_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
-_INV_127 = np.float32(1 / 127)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -30,7 +32,7 @@ _INV_127 = np.float32(1 / 127)
 
 def check_float_array(x, what: str = "x") -> None:
     """Raises TypeError/ValueError unless x is a non-empty float32/bfloat16/float16 array."""
-    if isinstance(x, QuantizedArray):
+    if is_quantized(x):
         raise TypeError(f"{what} is already quantized ({x!r}); dequantize it first (qjax.dequantize)")
     if isinstance(x, jax.ShapeDtypeStruct):
         raise TypeError(f"{what} is a jax.ShapeDtypeStruct ({describe(x)}), which holds no values; for the "
@@ -248,14 +250,6 @@ def _divide_behind_barrier_vmap(axis_size, in_batched, a, b):
     return _divide_behind_barrier(a, b), True
 
 
-def round_product(x):
-    """x unchanged, but a product stays rounded before a following add.
-
-    XLA's CPU and GPU backends contract `a * b + c` into one FMA (one rounding); bitsandbytes
-    rounds the product first. A select on `x == x` sits between the two and blocks the
-    contraction (optimization_barrier does not survive XLA's CPU pipeline).
-    """
-    return jnp.where(x == x, x, jnp.zeros_like(x))
 
 
 # Above 2^126 the float32 reciprocal 1 / absmax is subnormal: torch keeps it, XLA on the CPU flushes it to
@@ -318,16 +312,11 @@ def _dynamic_index(v):
     return idx.astype(jnp.uint8)
 
 
-def _blocks_of(flat, blocksize: int):
-    """(n,) -> (num_blocks, blocksize), zero-padding the last block (zeros change no absmax)."""
-    n = flat.shape[0]
-    pad = -n % blocksize
-    return jnp.pad(flat, (0, pad)).reshape(-1, blocksize), n
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize",))
 def _quantize_blockwise(x, blocksize: int):
-    blocks, n = _blocks_of(x.astype(_F32).reshape(-1), blocksize)
+    blocks, n = blocks_of(x.astype(_F32).reshape(-1), blocksize)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     codes = _dynamic_index(_normalise(blocks, absmax))
     codes = jnp.where((absmax > 0)[:, None], codes, jnp.uint8(0))
@@ -363,7 +352,7 @@ def quantize_blockwise(x, *, blocksize: int = 256, check_finite: bool = True):
 @functools.partial(jax.jit, static_argnames=("blocksize", "dtype"))
 def _dequantize_blockwise(codes, absmax, blocksize: int, dtype):
     values = jnp.take(jnp.asarray(formats.DYNAMIC_CODE), codes.reshape(-1).astype(jnp.int32))
-    blocks, n = _blocks_of(values, blocksize)
+    blocks, n = blocks_of(values, blocksize)
     out = (blocks * absmax[:, None]).reshape(-1)[:n]
     return out.astype(dtype).reshape(codes.shape)
 
@@ -389,8 +378,6 @@ def dequantize_blockwise(codes, absmax, *, blocksize: int = 256, dtype=jnp.float
 # ----------------------------------------------------------------------------- quantize
 
 
-def _stored(x, transposed: bool):
-    return jnp.swapaxes(x, -1, -2) if transposed else x
 
 
 def _quantize_codebook(stored, spec: formats.Format, blocksize: int):
@@ -401,7 +388,7 @@ def _quantize_codebook(stored, spec: formats.Format, blocksize: int):
     signed_zero = bool(np.any(codebook.bounds == 0))
     xf = stored.astype(_F32)
     shape = stored.shape
-    if is_structured(shape, spec.name, blocksize):
+    if is_structured(shape, blocksize):
         blocks = xf.reshape(shape[:-1] + (shape[-1] // blocksize, blocksize))
         absmax = jnp.max(jnp.abs(blocks), axis=-1)
         # bitsandbytes multiplies by the float32 reciprocal (dividing differs in rare ties)
@@ -433,10 +420,6 @@ def _quantize_codebook(stored, spec: formats.Format, blocksize: int):
     return pack_codes(idx, spec.bits)[: -(-n * spec.bits // 8)], jnp.concatenate(absmaxes)
 
 
-def _int8_absmax_axes(ndim: int, transposed: bool) -> tuple[int, ...]:
-    """Axes reduced for per-output-channel int8: all but the logical last axis."""
-    keep = ndim - 2 if transposed else ndim - 1
-    return tuple(a for a in range(ndim) if a != keep)
 
 
 def _quantize_int8(stored, blocksize, transposed: bool):
@@ -444,21 +427,21 @@ def _quantize_int8(stored, blocksize, transposed: bool):
     xf = stored.astype(_F32)
     shape = stored.shape
     if blocksize is None:
-        axes = _int8_absmax_axes(len(shape), transposed)
+        axes = int8_absmax_axes(len(shape), transposed)
         absmax = jnp.max(jnp.abs(xf), axis=axes)
         # bitsandbytes' int8_vectorwise_quant (Linear8bitLt's weights): torch evaluates
         # `127.0 / absmax` as 127 * (1 / absmax), two roundings; 127 / absmax differs at ties
         inv = 1.0 / jnp.where(absmax > 0, absmax, 1.0)
         scale = jnp.expand_dims(jnp.where(absmax > 0, round_product(inv) * 127.0, 0.0), axes)
         return jnp.round(xf * scale).astype(jnp.int8), absmax
-    if is_structured(shape, "int8", blocksize):
+    if is_structured(shape, blocksize):
         blocks = xf.reshape(shape[:-1] + (shape[-1] // blocksize, blocksize))
     else:
-        blocks, _ = _blocks_of(xf.reshape(-1), blocksize)
+        blocks, _ = blocks_of(xf.reshape(-1), blocksize)
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
     scale = jnp.where(absmax > 0, 127.0 / absmax, 0.0)
     codes = jnp.round(blocks * scale[..., None]).astype(jnp.int8)
-    if is_structured(shape, "int8", blocksize):
+    if is_structured(shape, blocksize):
         return codes.reshape(shape), absmax
     return codes.reshape(-1)[: math.prod(shape)], absmax
 
@@ -474,7 +457,7 @@ def _nest(absmax):
 @functools.partial(jax.jit, static_argnames=("fmt", "blocksize", "double_quant", "transposed"))
 def _quantize(x, fmt: str, blocksize, double_quant: bool, transposed: bool):
     spec = formats.get_format(fmt)
-    stored = _stored(x, transposed)
+    stored = blockwise.stored(x, transposed)
     overflow = None
     if spec.is_linear:
         packed, absmax = _quantize_int8(stored, blocksize, transposed)
@@ -543,85 +526,14 @@ def quantize(x, format: str = "nf4", *, blocksize: int | None = 64, double_quant
 # ----------------------------------------------------------------------------- dequantize
 
 
-def flat_index(shape, origin=None, full_shape=None):
-    """Row-major flat index into `full_shape` (default `shape`) of every element of a `shape` array.
+def dequantize(q, dtype=None) -> jax.Array:
+    """The dense array of a quantized array of any family (`q.dequantize(dtype)`).
 
-    origin: per-axis offsets of this array inside the full one (a shard's position), or None.
-    Built from iotas, so on a sharded array it stays sharded (no reshape to 1-D).
-    """
-    full_shape = tuple(full_shape if full_shape is not None else shape)
-    idx = jnp.zeros(shape, jnp.int32)
-    stride = 1
-    for d in range(len(shape) - 1, -1, -1):
-        pos = jax.lax.broadcasted_iota(jnp.int32, shape, d)
-        if origin is not None:
-            pos = pos + origin[d]
-        idx = idx + pos * stride
-        stride *= full_shape[d]
-    return idx
-
-
-def decode_absmax(codes, nested_absmax, offset, index):
-    """float32 absmax from double-quantized uint8 codes: `code[c] * nested[index // 256] + offset`.
-
-    index: the flat index of each code in the whole absmax (`flat_index`), which picks its
-    nested block; the arithmetic (one rounded product, then the add) is bitsandbytes'.
-    """
-    values = jnp.take(jnp.asarray(formats.DYNAMIC_CODE), codes.astype(jnp.int32))
-    scale = jnp.take(nested_absmax, index // formats.NESTED_BLOCKSIZE)
-    return round_product(values * scale) + offset
-
-
-def absmax_f32(q: QuantizedArray):
-    """The float32 absmax of q (double quantization decoded), shaped like `q.absmax`."""
-    if q.nested_absmax is None:
-        return q.absmax
-    return decode_absmax(q.absmax, q.nested_absmax, q.offset, flat_index(q.absmax.shape))
-
-
-def _values_f32(q: QuantizedArray, absmax):
-    """The dequantized float32 values in storage shape."""
-    storage = q.storage_shape
-    n = math.prod(storage)
-    spec = formats.get_format(q.format)
-    if spec.is_linear:
-        codes = q.packed.astype(_F32)
-        if q.blocksize is None:
-            scale = jnp.expand_dims(absmax, _int8_absmax_axes(len(storage), q.transposed))
-            return (codes * scale) * _INV_127
-        idx, mult = codes, _INV_127
-    else:
-        count = storage[-1] if q.structured else n
-        idx, mult = unpack_codes(q.packed, spec.bits, count), None
-    if q.structured:
-        blocks = idx.reshape(storage[:-1] + (storage[-1] // q.blocksize, q.blocksize))
-    else:
-        blocks, _ = _blocks_of(idx.reshape(-1)[:n], q.blocksize)
-    if mult is None:
-        vals = lookup(blocks, spec.codebook.code) * absmax[..., None]
-    else:
-        vals = (blocks * absmax[..., None]) * mult
-    return vals.reshape(-1)[:n].reshape(storage)
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _dequantize(q: QuantizedArray, dtype) -> jax.Array:
-    out = _values_f32(q, absmax_f32(q)).astype(dtype)
-    return _stored(out, q.transposed)
-
-
-def dequantize(q: QuantizedArray, dtype=None) -> jax.Array:
-    """The dense array of `q`: `code[idx] * absmax` in float32, rounded to `dtype`.
-
-    q: QuantizedArray of logical shape S (stacked: leaves with leading axes L).
+    q: quantized array of logical shape S (stacked: leaves with leading axes L).
     dtype: float output dtype (default `q.dtype`). Returns an array of shape S (stacked: L + S).
-    Equals bitsandbytes' `dequantize_4bit` bit for bit. Raises TypeError for a non-QuantizedArray
-    or dtype, ValueError when q's leaves do not fit its static shape and format.
+    A QuantizedArray gives `code[idx] * absmax` in float32 rounded to dtype, bitsandbytes'
+    `dequantize_4bit` bit for bit. Raises TypeError for a non-quantized q or a non-float dtype,
+    ValueError when q's leaves do not fit its static data.
     """
-    if not isinstance(q, QuantizedArray):
-        raise TypeError(f"dequantize needs a QuantizedArray, got {describe(q)}")
-    check_leaves(q, "dequantize", stacked=True)
-    fn = functools.partial(_dequantize, dtype=float_dtype(dtype if dtype is not None else q.dtype))
-    for _ in q.stack_shape:  # stacked layers: one dequantization per layer
-        fn = jax.vmap(fn)
-    return fn(q)
+    check_quantized(q, "dequantize")
+    return q.dequantize(dtype)

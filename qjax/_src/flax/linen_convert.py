@@ -14,15 +14,15 @@ from flax import linen as nn
 from flax.core import meta, unfreeze
 
 from qjax._src.adapters import lora as L
-from qjax._src.matmul import base as B
-from qjax._src.flax import select as S
-from qjax._src.flax.linen_layers import (LayerSpec, _call, _dense_general_batched_call, _einsum_module_call, _tuple,
-                                  dense_general_plan, einsum_plan)
-from qjax._src.errors import describe, named
 from qjax._src.adapters.config import LoraConfig, check_configs
+from qjax._src.adapters.tree import is_adapter_path
 from qjax._src.core.policy import QuantConfig
-from qjax._src.paths import path_str
 from qjax._src.core.qarray import is_quantized
+from qjax._src.errors import describe, named
+from qjax._src.flax import planner as P
+from qjax._src.flax.linen_layers import (LayerSpec, dense_call, dense_general_batched_call, einsum_module_call, as_tuple,
+                                         dense_general_plan, einsum_plan)
+from qjax._src.paths import path_keys, path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ def _make_interceptor(spec: ConversionSpec, root: tuple[str, ...]):
                 raise TypeError(f"{rel!r} was converted as a Dense layer, but the module called there is an "
                                 "nn.Einsum; pass inputs= to qjax.linen.convert so it can trace the layer")
             eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-            return _einsum_module_call(module, args[0] if args else kwargs["inputs"], eq, lora=lora, quant=quant,
+            return einsum_module_call(module, args[0] if args else kwargs["inputs"], eq, lora=lora, quant=quant,
                                        backend=spec.backend)
         if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
             raise TypeError(f"{rel!r} was converted as a linear layer, but the module called there is a "
@@ -86,9 +86,9 @@ def _make_interceptor(spec: ConversionSpec, root: tuple[str, ...]):
                             "batch_dims; pass inputs= to qjax.linen.convert so it can trace the layer" if batched
                             else f"an einsum, but the module called there is a {type(module).__name__}"))
         if batched:
-            return _dense_general_batched_call(module, inputs, lora=lora, quant=quant, backend=spec.backend)
+            return dense_general_batched_call(module, inputs, lora=lora, quant=quant, backend=spec.backend)
         general = isinstance(module, nn.DenseGeneral)
-        return _call(module, inputs, axis=module.axis if general else -1, features=module.features,
+        return dense_call(module, inputs, axis=module.axis if general else -1, features=module.features,
                      kernel_init=module.kernel_init, lora=lora, quant=quant, backend=spec.backend,
                      flat_kernel_init=general)
 
@@ -188,9 +188,9 @@ def _check_not_converted(model, params):
                          "original model (qjax.linen.merge gives it back)")
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         name = path_str(path)
-        if is_quantized(leaf) or name.rsplit("/", 1)[-1] in ("lora_a", "lora_b"):
-            raise ValueError(f"params/{name} is already a QLoRA leaf ({'QuantizedArray' if is_quantized(leaf) else 'adapter'}); "
-                             "the variables are already converted")
+        if is_quantized(leaf) or is_adapter_path(path_keys(path)):
+            what = "QuantizedArray" if is_quantized(leaf) else "adapter"
+            raise ValueError(f"params/{name} is already a QLoRA leaf ({what}); the variables are already converted")
 
 
 def _is_key(x) -> bool:
@@ -230,107 +230,109 @@ def _check_fits(model, params, inputs, method) -> None:
                          "the shapes it is trained on")
 
 
-def _trace_layers(model, variables, inputs, method, params) -> tuple[list[LayerSpec], dict[str, str]]:
-    """Every Dense/DenseGeneral/Einsum call of one abstract forward pass, with its exact shapes.
+class _LinenFinder:
+    """The layers of a Linen model: traced from one abstract forward pass on `inputs`, or (without inputs)
+    read off the params tree, every rank-2 `kernel` taken as an (in, out) Dense."""
 
-    Returns (layers, {path: why} of the einsums that cannot be converted).
-    """
-    found: dict[str, LayerSpec] = {}
-    unsupported: dict[str, str] = {}
+    layer_kinds = "nn.Dense / nn.DenseGeneral / nn.Einsum"
 
-    def stored_lead(rel, rank):
-        stored = _get(params, rel.split("/") + ["kernel"]) if rel else params["kernel"]
-        return tuple(stored.shape[:stored.ndim - rank])
+    def __init__(self, model, variables, inputs, method, explicit: bool):
+        self.model, self.variables, self.inputs, self.method = model, variables, inputs, method
+        self.params, self.explicit = variables["params"], explicit
+        self.model_name = type(model).__name__
 
-    def einsum_spec(rel, plan, shape):
-        return LayerSpec(rel, plan.in_shape(shape), plan.out_shape(shape), stored_lead(rel, len(shape)),
-                         einsum=plan.einsum_str, batch=plan.batch_shape(shape))
+    def candidates(self) -> list[P.Candidate]:
+        return self._traced() if self.inputs is not None else self._from_params()
 
-    def record(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and isinstance(module, nn.Einsum):
-            rel = _rel_path(module, ())
-            try:
-                plan, shape = einsum_plan(module, args[1] if len(args) > 1 else kwargs.get("einsum_str"))
-            except ValueError as e:
-                unsupported.setdefault(rel, str(e))
-                return next_fun(*args, **kwargs)
-            found.setdefault(rel, einsum_spec(rel, plan, shape))
-        elif context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.DenseGeneral)):
-            rel = _rel_path(module, ())
-            x = args[0] if args else kwargs["inputs"]
-            if isinstance(module, nn.DenseGeneral) and module.batch_dims:
+    def _kernel(self, rel: str):
+        return _get(self.params, rel.split("/") + ["kernel"]) if rel else self.params["kernel"]
+
+    def _candidate(self, rel: str, layout: P.KernelLayout | None, why: str = "") -> P.Candidate:
+        return P.Candidate(rel, f"params/{rel}", self._kernel(rel), layout, why)
+
+    def _traced(self) -> list[P.Candidate]:
+        """Every Dense/DenseGeneral/Einsum call of one abstract forward pass, with its exact shapes."""
+        found: dict[str, P.KernelLayout] = {}
+        unsupported: dict[str, str] = {}
+
+        def lead(rel, rank):
+            stored = self._kernel(rel)
+            return tuple(stored.shape[:stored.ndim - rank])
+
+        def einsum_layout(rel, plan, shape):
+            return P.KernelLayout(plan.in_shape(shape), plan.out_shape(shape), lead(rel, len(shape)),
+                            plan.batch_shape(shape), plan.einsum_str)
+
+        def record(next_fun, args, kwargs, context):
+            module = context.module
+            if context.method_name == "__call__" and isinstance(module, nn.Einsum):
+                rel = _rel_path(module, ())
                 try:
-                    plan, shape = dense_general_plan(module, x.shape)
+                    plan, shape = einsum_plan(module, args[1] if len(args) > 1 else kwargs.get("einsum_str"))
                 except ValueError as e:
                     unsupported.setdefault(rel, str(e))
                     return next_fun(*args, **kwargs)
-                found.setdefault(rel, einsum_spec(rel, plan, shape))
-                return next_fun(*args, **kwargs)
-            if isinstance(module, nn.DenseGeneral):
-                axis = tuple(a % x.ndim for a in _tuple(module.axis))
-                features = _tuple(module.features)
+                found.setdefault(rel, einsum_layout(rel, plan, shape))
+            elif context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.DenseGeneral)):
+                rel = _rel_path(module, ())
+                x = args[0] if args else kwargs["inputs"]
+                if isinstance(module, nn.DenseGeneral) and module.batch_dims:
+                    try:
+                        plan, shape = dense_general_plan(module, x.shape)
+                    except ValueError as e:
+                        unsupported.setdefault(rel, str(e))
+                        return next_fun(*args, **kwargs)
+                    found.setdefault(rel, einsum_layout(rel, plan, shape))
+                    return next_fun(*args, **kwargs)
+                if isinstance(module, nn.DenseGeneral):
+                    axis = tuple(a % x.ndim for a in as_tuple(module.axis))
+                    features = as_tuple(module.features)
+                else:
+                    axis, features = (x.ndim - 1,), (module.features,)
+                in_shape = tuple(x.shape[a] for a in axis)
+                found.setdefault(rel, P.KernelLayout(in_shape, tuple(features),
+                                                     lead(rel, len(in_shape) + len(features))))
+            return next_fun(*args, **kwargs)
+
+        args = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
+        rngs = {"dropout": jax.random.key(0), "params": jax.random.key(0)}
+        with nn.intercept_methods(record):
+            jax.eval_shape(lambda v: self.model.apply(v, *args, method=self.method, mutable=True, rngs=rngs),
+                           self.variables)
+        return ([self._candidate(rel, layout) for rel, layout in found.items()]
+                + [self._candidate(rel, None, why) for rel, why in unsupported.items() if rel not in found])
+
+    def _from_params(self) -> list[P.Candidate]:
+        """Every rank-2 kernel of the params tree as an (in, out) Dense; warns (or, with explicit LoRA
+        targets, raises) for the kernels of other ranks, which it cannot tell apart."""
+        found, skipped = [], []
+        for path, kernel in _params_paths(self.params):
+            if kernel.ndim == 2:
+                layout = P.KernelLayout((kernel.shape[0],), (kernel.shape[1],))
+                found.append(P.Candidate(path, f"params/{path}", kernel, layout))
             else:
-                axis, features = (x.ndim - 1,), (module.features,)
-            in_shape = tuple(x.shape[a] for a in axis)
-            found.setdefault(rel, LayerSpec(rel, in_shape, tuple(features),
-                                            stored_lead(rel, len(in_shape) + len(features))))
-        return next_fun(*args, **kwargs)
-
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    rngs = {"dropout": jax.random.key(0), "params": jax.random.key(0)}
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda v: model.apply(v, *args, method=method, mutable=True, rngs=rngs), variables)
-    return list(found.values()), unsupported
-
-
-
-def _params_layers(params, explicit: bool) -> tuple[list[LayerSpec], dict[str, str]]:
-    """Layers read off the params tree: every rank-2 kernel is a (in, out) Dense."""
-    layers, skipped = [], []
-    for path, kernel in _params_paths(params):
-        if kernel.ndim == 2:
-            layers.append(LayerSpec(path, (kernel.shape[0],), (kernel.shape[1],)))
-        else:
-            skipped.append(f"{path} {tuple(kernel.shape)}")
-    if skipped:
-        msg = (f"kernels of rank != 2 ({', '.join(skipped)}) may be DenseGeneral, scanned or conv layers; "
-               "pass inputs=(example args,) to qjax.linen.convert so it can trace which they are")
-        if explicit:
-            raise ValueError("cannot tell the in/out axes of " + msg)
-        warnings.warn("not converted: " + msg, stacklevel=3)
-    return layers, {}
+                skipped.append(f"{path} {tuple(kernel.shape)}")
+        if skipped:
+            msg = (f"kernels of rank != 2 ({', '.join(skipped)}) may be DenseGeneral, scanned or conv layers; "
+                   "pass inputs=(example args,) to qjax.linen.convert so it can trace which they are")
+            if self.explicit:
+                raise ValueError("cannot tell the in/out axes of " + msg)
+            warnings.warn("not converted: " + msg, stacklevel=5)  # convert's caller (via planner.plan)
+        return found
 
 
 # ----------------------------------------------------------------------------- convert / merge
 
 
-def _quantize(spec: LayerSpec, kernel, quant_config):
-    if spec.einsum is not None:
-        return B.quantize_einsum_kernel(B.EinsumPlan(spec.einsum), kernel, quant_config, lead=len(spec.lead))
-    return B.quantize_kernel(kernel, len(spec.in_shape), quant_config, lead=len(spec.lead))
+def _layer_spec(p: P.Planned) -> LayerSpec:
+    layout = p.layout
+    return LayerSpec(p.path, layout.in_shape, layout.out_shape, layout.lead, lora=p.lora,
+                     quantized=p.quant_config is not None, einsum=layout.einsum, batch=layout.batch,
+                     quant_config=p.quant_config)
 
 
-def _loftq(spec: LayerSpec, kernel, lora_config: LoraConfig, quant_config: QuantConfig):
-    """(q, lora_a, lora_b) of one layer (stacked layers one by one) by LoftQ."""
-    if spec.einsum is not None:
-        plan = B.EinsumPlan(spec.einsum)
-        return L.loftq_kernel(B.permute_einsum_kernel(plan, kernel, len(spec.lead)), len(plan.in_labels),
-                              lora_config, quant_config, lead=len(spec.lead) + len(spec.batch))
-    return L.loftq_kernel(kernel, len(spec.in_shape), lora_config, quant_config, lead=len(spec.lead))
-
-
-def _merged(layer: LayerSpec, kernel, a, b, scaling: float, dtype):
-    """The merged dense kernel of one converted layer in the original module's layout (*lead, ...)."""
-    if layer.einsum is not None:
-        plan = B.EinsumPlan(layer.einsum)
-        fn = lambda k, a, b: L.einsum_merged_kernel(  # noqa: E731
-            plan, k, a, b, kernel_shape=plan.kernel_shape(layer.in_shape, layer.out_shape, layer.batch), scaling=scaling,
-            dtype=dtype)
-    else:
-        fn = lambda k, a, b: L.merged_kernel(k, a, b, in_shape=layer.in_shape, out_shape=layer.out_shape,  # noqa: E731
-                                             scaling=scaling, dtype=dtype)
-    return B.vmap_lead(fn, len(layer.lead))(kernel, a, b)
+def _layout(layer: LayerSpec) -> P.KernelLayout:
+    return P.KernelLayout(layer.in_shape, layer.out_shape, layer.lead, layer.batch, layer.einsum)
 
 
 def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraConfig(),
@@ -339,11 +341,13 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
     """Turns a Linen model built from nn.Dense / nn.DenseGeneral / nn.Einsum layers into its QLoRA version.
 
     model: the original (unbound) module. variables: its variables ({"params": ...}).
-    lora_config: which layers get adapters (None: none, quantization only).
+    lora_config: which layers get adapters (None: none, quantization only); its target_modules /
+      exclude patterns match module paths such as "layers_0/attn/q_proj" (qjax._src.flax.select).
     quant_config: how kernels are quantized: a QuantConfig, or a per-path policy such as
       `qjax.QuantRules` / `qjax.first_blocks(k, high, low)` (mixed precision). A layer's kernel is
-      quantized with `quant_config.config_for("params/<module path>/kernel")` (None: kept 16-bit,
-      as are kernels smaller than that config's min_size). quant_config=None: 16-bit LoRA.
+      quantized with `quant_config.config_for("<module path>/kernel")`, as in qjax.nnx.convert
+      (patterns written for the older "params/<module path>/kernel" form keep working); None: kept
+      16-bit, as are kernels smaller than that config's min_size. quant_config=None: 16-bit LoRA.
     rng: jax key for the adapters' A matrices.
     With `LoraConfig(init="loftq")` every layer that gets adapters and a quantized kernel is
     initialized by `qjax.loftq_init` (rank r, loftq_iter iterations, scaling folded in): the
@@ -366,7 +370,7 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
     Raises ValueError (naming paths) for an already converted model or variables, a model with no
     Dense layers, a target pattern that matches nothing, r larger than a layer's dimensions, or a
     selected einsum that is not a projection (with its equation and kernel shape; exclude it from
-    LoRA and quantization to leave it alone).
+    LoRA and quantization to leave it alone); TypeError for a selected layer with a non-float kernel.
     """
     check_configs(lora_config, quant_config)
     variables = unfreeze(variables)
@@ -374,70 +378,22 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
     if not params:
         raise ValueError("variables has no 'params' collection to convert")
     _check_not_converted(model, params)
-    explicit = lora_config is not None and lora_config.target_modules != "all-linear"
     if inputs is not None:
         _check_fits(model, params, inputs, method)
-    layers, unsupported = (_trace_layers(model, variables, inputs, method, params) if inputs is not None
-                           else _params_layers(params, explicit))
-    if not layers and not unsupported:
-        raise ValueError(f"{type(model).__name__} has no nn.Dense / nn.DenseGeneral / nn.Einsum layer with a kernel "
-                         "in its params; there is nothing to convert")
-    paths = [layer.path for layer in layers] + list(unsupported)
-    lora_paths = set(S.select_layers(paths, lora_config)) if lora_config is not None else set()
-
-    def quant_for(path):
-        qc = quant_config.config_for(f"params/{path}/kernel") if quant_config is not None else None
-        return qc if qc is not None and int(jnp.size(_get(params, path.split("/") + ["kernel"]))) >= qc.min_size \
-            else None
-
-    for path, why in unsupported.items():
-        if path in lora_paths or quant_for(path) is not None:
-            raise ValueError(f"{why}. To leave this layer unconverted, exclude it from LoRA (LoraConfig.exclude) "
-                             "and from quantization (QuantConfig.skip)")
-    specs = []
-    for layer in layers:
-        qc = quant_for(layer.path)
-        quantized = qc is not None
-        if layer.path in lora_paths:
-            L.check_rank(lora_config.r, layer.in_shape, layer.out_shape, f"params/{layer.path}")
-        if layer.path in lora_paths or quantized:
-            specs.append(dataclasses.replace(layer, lora=layer.path in lora_paths, quantized=quantized,
-                                             quant_config=qc if quantized else None))
-    if not specs:
-        raise ValueError(f"no layer of {type(model).__name__} was selected for LoRA or quantization; "
-                         f"its linear layers are {paths}")
-    if any(s.lora for s in specs) and rng is None:
+    explicit = lora_config is not None and lora_config.target_modules != "all-linear"
+    planned = P.plan(_LinenFinder(model, variables, inputs, method, explicit), lora_config, quant_config)
+    if any(p.lora for p in planned) and rng is None:
         raise ValueError("convert needs rng (a jax key) to initialize the LoRA adapters")
     if rng is not None and not _is_key(rng):
         raise TypeError(f"rng must be a jax key such as jax.random.key(0), got {describe(rng)}")
-    keys = jax.random.split(rng, len(specs)) if rng is not None else [None] * len(specs)
-    for spec, key in zip(specs, keys):
-        where = spec.path.split("/")
-        kernel = _get(params, where + ["kernel"])
-        if not jnp.issubdtype(kernel.dtype, jnp.floating):
-            raise TypeError(f"{named(f'params/{spec.path}/kernel', kernel)} is not a float kernel; only float "
-                            "kernels can be quantized or get adapters (exclude this layer or load float weights)")
-        if spec.lora and spec.quantized and lora_config.init == "loftq":
-            try:
-                q, a, b = _loftq(spec, kernel, lora_config, spec.quant_config)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"params/{spec.path}/kernel: {e}") from None
-            _set(params, where + ["kernel"], q)
-            _set(params, where + ["lora_a"], a)
-            _set(params, where + ["lora_b"], b)
-            continue
-        if spec.quantized:
-            try:
-                q = _quantize(spec, kernel, spec.quant_config)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"params/{spec.path}/kernel: {e}") from None
-            _set(params, where + ["kernel"], q)
-        if spec.lora:
-            a, b = L.init_adapters(key, spec.in_shape, spec.out_shape, lora_config.r, lora_config.init,
-                                   lead=spec.lead + spec.batch)
-            _set(params, where + ["lora_a"], a)
-            _set(params, where + ["lora_b"], b)
-    conv = ConversionSpec(tuple(specs), lora_config, quant_config, backend)
+    keys = jax.random.split(rng, len(planned)) if rng is not None else [None] * len(planned)
+    for p, key in zip(planned, keys):
+        base, adapters = P.adapter_params(p.candidate.where, p.layout, p.candidate.kernel,
+                                          lora_config if p.lora else None, p.quant_config, key)
+        where = p.path.split("/")
+        for name, value in {"kernel": base, **adapters}.items():
+            _set(params, where + [name], value)
+    conv = ConversionSpec(tuple(_layer_spec(p) for p in planned), lora_config, quant_config, backend)
     return _instantiate(_converted_class(type(model), conv), model), variables
 
 
@@ -457,18 +413,13 @@ def merge(qlora_model: nn.Module, qlora_variables, dtype=None, *, requantize: Qu
     spec: ConversionSpec = type(qlora_model)._qjax_spec
     variables = unfreeze(qlora_variables)
     params = variables["params"]
-    scaling = spec.lora_config.scaling if spec.lora_config is not None else 0.0
     for layer in spec.layers:
-        where = layer.path.split("/")
-        node = _get(params, where)
-        kernel = _get(params, where + ["kernel"])
-        a, b = node.pop("lora_a", None), node.pop("lora_b", None)
-        dense_shape = layer.lead + (B.EinsumPlan(layer.einsum).kernel_shape(layer.in_shape, layer.out_shape, layer.batch)
-                                    if layer.einsum is not None else layer.in_shape + layer.out_shape)
-        L.check_layer(f"params/{layer.path}", kernel, a, b, in_shape=layer.in_shape, out_shape=layer.out_shape,
-                      stack=layer.lead + layer.batch, r=spec.lora_config.r if layer.lora else None,
-                      dense_shape=dense_shape)
-        node["kernel"] = _merged(layer, kernel, a, b, scaling, dtype or B.kernel_dtype(kernel))
+        node = _get(params, layer.path.split("/"))
+        kernel = _get(params, layer.path.split("/") + ["kernel"])
+        lora_config = spec.lora_config if layer.lora else None
+        names = lora_config.variant.leaves() if lora_config is not None else ()
+        adapters = {name: node.pop(name) for name in names if name in node}
+        node["kernel"] = P.merged_kernel(f"params/{layer.path}", _layout(layer), kernel, adapters, lora_config, dtype)
     base_cls = type(qlora_model)._qjax_base_class
     model = _instantiate(base_cls, qlora_model)
     if requantize is None:
@@ -476,6 +427,7 @@ def merge(qlora_model: nn.Module, qlora_variables, dtype=None, *, requantize: Qu
     layers = tuple(dataclasses.replace(s, lora=False, quantized=True, quant_config=requantize) for s in spec.layers)
     for layer in layers:
         where = layer.path.split("/") + ["kernel"]
-        _set(params, where, _quantize(layer, _get(params, where), requantize))
+        base, _ = P.adapter_params(f"params/{layer.path}", _layout(layer), _get(params, where), None, requantize, None)
+        _set(params, where, base)
     conv = ConversionSpec(layers, None, requantize, spec.backend)
     return _instantiate(_converted_class(base_cls, conv), model), variables

@@ -3,10 +3,11 @@
 Conversion does not rewrite the user's module classes. `convert` builds a subclass of the model's
 class whose public methods run the original ones inside `nn.intercept_methods`; the interceptor
 catches `nn.Dense` / `nn.DenseGeneral` / `nn.Einsum` calls at the converted paths and computes the QLoRA layer
-from the variables stored at that path (the 2-D QuantizedArray `kernel`, `bias`, `lora_a`,
-`lora_b`). Variable paths therefore stay those of the original model, for `setup` and `nn.compact`
-modules alike, and layers inside `nn.scan` / `nn.vmap` / `nn.remat` are caught as well (their
-variables carry the stacked leading axes; each layer's slice is quantized on its own).
+from the variables stored at that path (the 2-D QuantizedArray `kernel`, `bias`, and the leaves of
+the LoraConfig's adapter variant: LoRA's `lora_a`, `lora_b`). Variable paths therefore stay those of
+the original model, for `setup` and `nn.compact` modules alike, and layers inside `nn.scan` /
+`nn.vmap` / `nn.remat` are caught as well (their variables carry the stacked leading axes; each
+layer's slice is quantized on its own).
 """
 
 from __future__ import annotations
@@ -46,30 +47,63 @@ class LayerSpec:
 # ----------------------------------------------------------------------------- the layer math
 
 
-def _tuple(x) -> tuple:
+def as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, Sequence) else (x,)
 
 
 def _check_stored(module: nn.Module, where: str, inputs, lora: LoraConfig | None, **shapes) -> None:
-    """ValueError naming the layer, the inputs and each stored leaf (kernel, lora_a, lora_b) that does not
+    """ValueError naming the layer, the inputs and each stored leaf (kernel, the adapter's) that does not
     fit a call on `inputs` (before `module.param` would report it as an initializer's shape)."""
     if not module.has_variable("params", "kernel"):
         return
-    present = [module.has_variable("params", n) for n in ("kernel", "lora_a", "lora_b")]
-    stored = [module.get_variable("params", n) if p else None for n, p in zip(("kernel", "lora_a", "lora_b"), present)]
+    names = lora.variant.leaves() if lora is not None else ()
+    stored = {n: module.get_variable("params", n) for n in names if module.has_variable("params", n)}
     # adapters set to None run the base alone (e.g. to compare with the base model): only absent ones are missing
-    disabled = present[1] and present[2] and stored[1] is None and stored[2] is None
-    has_adapters = lora is not None and not disabled and (stored[1] is not None or not module.is_initializing())
-    L.check_layer(f"params/{where} called on inputs {describe(inputs)}", *stored, r=lora.r if has_adapters else None,
-                  **shapes)
+    disabled = bool(names) and len(stored) == len(names) and all(x is None for x in stored.values())
+    has_adapters = lora is not None and not disabled and (any(x is not None for x in stored.values())
+                                                          or not module.is_initializing())
+    L.check_params(f"params/{where} called on inputs {describe(inputs)}", module.get_variable("params", "kernel"),
+                   stored, lora_config=lora if has_adapters else None, **shapes)
 
 
-def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraConfig | None,
+def _adapters(module: nn.Module, lora: LoraConfig | None, loftq, in_shape, out_shape, lead=()) -> dict | None:
+    """The variant's adapter leaves of a bound module, read or created with `module.param` (each drawn
+    with its own 'params' rng); loftq: the LoftQ init's leaves of a fresh layer, or None."""
+    if lora is None:
+        return None
+    params = {name: module.param(name, lambda rng, name=name: loftq[name] if loftq is not None else
+                                 L.init_params(rng, in_shape, out_shape, lora, lead=lead)[name])
+              for name in lora.variant.leaves()}
+    return None if all(x is None for x in params.values()) else params  # set to None: the base alone
+
+
+def _dropout(module: nn.Module, lora: LoraConfig | None, deterministic: bool | None):
+    """LoRA dropout of the adapters' input (None: off)."""
+    if lora is None or lora.dropout == 0 or deterministic or not module.has_rng("dropout"):
+        return None
+    key = module.make_rng("dropout")
+    return lambda x: L.dropout(x, lora.dropout, key)
+
+
+def _run(module: nn.Module, inputs, kernel, bias, adapters, lora: LoraConfig | None, quant: QuantConfig | None,
+         *, out_shape, backend, deterministic, n_in=None, plan=None):
+    """The adapted layer's output in the module's dtype (default: promoted dtype of inputs and kernel)."""
+    out_dtype = module.dtype or jnp.promote_types(inputs.dtype, B.kernel_dtype(kernel))
+    compute_dtype = (quant.compute_dtype if quant is not None and quant.compute_dtype is not None
+                     else out_dtype) if is_quantized(kernel) else out_dtype
+    variant = lora.variant if lora is not None else None
+    return L.adapted(inputs, kernel, bias, adapters, variant=variant, scaling=lora.scaling if lora is not None else 0.0,
+                     out_shape=out_shape, compute_dtype=compute_dtype, out_dtype=out_dtype, n_in=n_in, plan=plan,
+                     precision=module.precision, drop=_dropout(module, lora, deterministic), backend=backend,
+                     int8_threshold=B.llm_int8_threshold(kernel, quant))
+
+
+def dense_call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraConfig | None,
           quant: QuantConfig | None, backend: str = "auto", deterministic: bool | None = None,
           flat_kernel_init: bool = False):
     """The QLoRA layer on a bound Dense-like module: reads/creates its variables with `module.param`."""
-    features = _tuple(features)
-    axis = tuple(a % inputs.ndim for a in _tuple(axis))
+    features = as_tuple(features)
+    axis = tuple(a % inputs.ndim for a in as_tuple(axis))
     if axis != tuple(range(inputs.ndim - len(axis), inputs.ndim)):
         # Contracted axes moved last: the output keeps the other axes in order, as DenseGeneral does.
         inputs = jnp.moveaxis(inputs, axis, tuple(range(inputs.ndim - len(axis), inputs.ndim)))
@@ -91,31 +125,17 @@ def _call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: LoraC
     if L.wants_loftq(lora, quant) and module.is_initializing() and not module.has_variable("params", "kernel"):
         # LoftQ init of a fresh layer: kernel and adapters come from the same dense kernel.
         L.check_rank(lora.r, in_shape, features, where)
-        loftq = L.loftq_kernel(kernel_init_fn(module.make_rng("params")), n_in, lora, quant)
+        loftq = L.loftq_params(kernel_init_fn(module.make_rng("params")), n_in, lora, quant)
     kernel = module.param("kernel", lambda rng: loftq[0] if loftq is not None else
                           (B.quantize_kernel(kernel_init_fn(rng), n_in, quant) if quant is not None
                            else kernel_init_fn(rng)))
     bias = module.param("bias", lambda rng: meta.unbox(module.bias_init(rng, features, module.param_dtype))) \
         if module.use_bias else None
-    lora_a = lora_b = None
     if lora is not None:
         L.check_rank(lora.r, in_shape, features, where)
-        lora_a = module.param("lora_a", lambda rng: loftq[1] if loftq is not None else
-                              L.init_adapters(rng, in_shape, features, lora.r, lora.init)[0])
-        lora_b = module.param("lora_b", lambda rng: loftq[2] if loftq is not None else
-                              L.init_adapters(rng, in_shape, features, lora.r, lora.init)[1])
-    param_dtype = B.kernel_dtype(kernel)
-    out_dtype = module.dtype or jnp.promote_types(inputs.dtype, param_dtype)
-    compute_dtype = (quant.compute_dtype if quant is not None and quant.compute_dtype is not None
-                     else out_dtype) if is_quantized(kernel) else out_dtype
-    key = None
-    if lora is not None and lora.dropout > 0 and not deterministic and module.has_rng("dropout"):
-        key = module.make_rng("dropout")
-    return L.lora_linear(inputs, kernel, bias, lora_a, lora_b, n_in=n_in, out_shape=features,
-                         scaling=lora.scaling if lora is not None else 0.0, compute_dtype=compute_dtype,
-                         out_dtype=out_dtype, precision=module.precision,
-                         dropout_rate=lora.dropout if lora is not None else 0.0, dropout_key=key,
-                         backend=backend, int8_threshold=B.llm_int8_threshold(kernel, quant))
+    adapters = _adapters(module, lora, loftq[1] if loftq is not None else None, in_shape, features)
+    return _run(module, inputs, kernel, bias, adapters, lora, quant, out_shape=features, backend=backend,
+                deterministic=deterministic, n_in=n_in)
 
 
 def _einsum_call(module: nn.Module, inputs, plan: B.EinsumPlan, shape: tuple[int, ...], *, kernel_init, bias_init,
@@ -141,27 +161,14 @@ def _einsum_call(module: nn.Module, inputs, plan: B.EinsumPlan, shape: tuple[int
     if L.wants_loftq(lora, quant) and module.is_initializing() and not module.has_variable("params", "kernel"):
         L.check_rank(lora.r, in_shape, out_shape, where)
         w = B.permute_einsum_kernel(plan, kernel_init(module.make_rng("params")))
-        loftq = L.loftq_kernel(w, len(in_shape), lora, quant, lead=len(batch))
+        loftq = L.loftq_params(w, len(in_shape), lora, quant, lead=len(batch))
     kernel = module.param("kernel", lambda rng: loftq[0] if loftq is not None else kernel_init_fn(rng))
     bias = module.param("bias", bias_init) if module.use_bias else None
-    lora_a = lora_b = None
     if lora is not None:
         L.check_rank(lora.r, in_shape, out_shape, where)
-        lora_a = module.param("lora_a", lambda rng: loftq[1] if loftq is not None else
-                              L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init, lead=batch)[0])
-        lora_b = module.param("lora_b", lambda rng: loftq[2] if loftq is not None else
-                              L.init_adapters(rng, in_shape, out_shape, lora.r, lora.init, lead=batch)[1])
-    out_dtype = module.dtype or jnp.promote_types(inputs.dtype, B.kernel_dtype(kernel))
-    compute_dtype = (quant.compute_dtype if quant is not None and quant.compute_dtype is not None
-                     else out_dtype) if is_quantized(kernel) else out_dtype
-    key = None
-    if lora is not None and lora.dropout > 0 and not deterministic and module.has_rng("dropout"):
-        key = module.make_rng("dropout")
-    return L.einsum_lora(inputs, plan, kernel, bias, lora_a, lora_b, out_shape=out_shape,
-                         scaling=lora.scaling if lora is not None else 0.0, compute_dtype=compute_dtype,
-                         out_dtype=out_dtype, precision=module.precision,
-                         dropout_rate=lora.dropout if lora is not None else 0.0, dropout_key=key, backend=backend,
-                         int8_threshold=B.llm_int8_threshold(kernel, quant))
+    adapters = _adapters(module, lora, loftq[1] if loftq is not None else None, in_shape, out_shape, batch)
+    return _run(module, inputs, kernel, bias, adapters, lora, quant, out_shape=out_shape, backend=backend,
+                deterministic=deterministic, plan=plan)
 
 
 def einsum_plan(module: nn.Module, einsum_str: str | None) -> tuple[B.EinsumPlan, tuple[int, ...]]:
@@ -173,7 +180,7 @@ def einsum_plan(module: nn.Module, einsum_str: str | None) -> tuple[B.EinsumPlan
     return B.EinsumPlan(einsum_str if einsum_str is not None else module.einsum_str, where, shape), shape
 
 
-def _einsum_module_call(module: nn.Module, inputs, einsum_str, **kw):
+def einsum_module_call(module: nn.Module, inputs, einsum_str, **kw):
     """The QLoRA layer on a bound Einsum-like module (`shape`, `einsum_str`, `kernel_init`, `bias_init`)."""
     plan, shape = einsum_plan(module, einsum_str)
     return _einsum_call(
@@ -187,16 +194,16 @@ def dense_general_plan(module: nn.Module, input_shape) -> tuple[B.EinsumPlan, tu
     (`features`, `axis`, `batch_dims`) for inputs of input_shape."""
     where = "params/" + "/".join(module.scope.path) if module.scope is not None else type(module).__name__
     ndim = len(input_shape)
-    batch_dims = tuple(d % ndim for d in _tuple(module.batch_dims))
+    batch_dims = tuple(d % ndim for d in as_tuple(module.batch_dims))
     if sorted(batch_dims) != list(range(len(batch_dims))):
         raise ValueError(f"{where}: batch_dims {tuple(module.batch_dims)} must be the leading input axes 0, 1, ...")
-    axis, features = tuple(a % ndim for a in _tuple(module.axis)), _tuple(module.features)
+    axis, features = tuple(a % ndim for a in as_tuple(module.axis)), as_tuple(module.features)
     eq = B.dense_general_einsum(ndim, batch_dims, axis, len(features))
     shape = tuple(input_shape[d] for d in sorted(batch_dims)) + tuple(input_shape[a] for a in axis) + features
     return B.EinsumPlan(eq, where, shape), shape
 
 
-def _dense_general_batched_call(module: nn.Module, inputs, **kw):
+def dense_general_batched_call(module: nn.Module, inputs, **kw):
     """The QLoRA layer on a bound DenseGeneral-like module with `batch_dims` (an einsum with batch axes)."""
     plan, shape = dense_general_plan(module, inputs.shape)
     batch, features = plan.batch_shape(shape), plan.out_shape(shape)
@@ -211,7 +218,27 @@ def _dense_general_batched_call(module: nn.Module, inputs, **kw):
     return _einsum_call(module, inputs, plan, shape, kernel_init=kernel_init, bias_init=bias_init, **kw)
 
 
-class QLoRADense(nn.Module):
+def _kw(default):
+    """A keyword-only module field, so a layer's own fields (features, ...) stay first and positional."""
+    return dataclasses.field(default=default, kw_only=True)
+
+
+class _QLoRAModule(nn.Module):
+    """The fields every Linen QLoRA layer shares with nn.Dense (keyword-only, after each layer's own)."""
+
+    use_bias: bool = _kw(True)
+    dtype: Any = _kw(None)
+    param_dtype: Any = _kw(jnp.float32)
+    precision: Any = _kw(None)
+    kernel_init: Any = _kw(nn.linear.default_kernel_init)
+    bias_init: Any = _kw(nn.initializers.zeros_init())
+    lora_config: LoraConfig | None = _kw(LoraConfig())
+    quant_config: QuantConfig | None = _kw(QuantConfig())
+    backend: str = _kw("auto")
+    deterministic: bool | None = _kw(None)
+
+
+class QLoRADense(_QLoRAModule):
     """Drop-in for `nn.Dense` with a frozen quantized kernel and trainable LoRA adapters.
 
     Fields as nn.Dense (`features`, `use_bias`, `dtype`, `param_dtype`, `precision`, `kernel_init`,
@@ -226,25 +253,15 @@ class QLoRADense(nn.Module):
     """
 
     features: int
-    use_bias: bool = True
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    kernel_init: Any = nn.linear.default_kernel_init
-    bias_init: Any = nn.initializers.zeros_init()
-    lora_config: LoraConfig | None = LoraConfig()
-    quant_config: QuantConfig | None = QuantConfig()
-    backend: str = "auto"
-    deterministic: bool | None = None
 
     @nn.compact
     def __call__(self, inputs):
-        return _call(self, inputs, axis=-1, features=self.features, kernel_init=self.kernel_init,
+        return dense_call(self, inputs, axis=-1, features=self.features, kernel_init=self.kernel_init,
                      lora=self.lora_config, quant=self.quant_config, backend=self.backend,
                      deterministic=self.deterministic)
 
 
-class QLoRADenseGeneral(nn.Module):
+class QLoRADenseGeneral(_QLoRAModule):
     """Drop-in for `nn.DenseGeneral`: kernel (*in_axes, *features) quantized as 2-D.
 
     Variables: params/kernel: QuantizedArray (prod(in_axes), prod(features)) (dense
@@ -260,28 +277,18 @@ class QLoRADenseGeneral(nn.Module):
     features: int | Sequence[int]
     axis: int | Sequence[int] = -1
     batch_dims: Sequence[int] = ()
-    use_bias: bool = True
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    kernel_init: Any = nn.linear.default_kernel_init
-    bias_init: Any = nn.initializers.zeros_init()
-    lora_config: LoraConfig | None = LoraConfig()
-    quant_config: QuantConfig | None = QuantConfig()
-    backend: str = "auto"
-    deterministic: bool | None = None
 
     @nn.compact
     def __call__(self, inputs):
         if self.batch_dims:
-            return _dense_general_batched_call(self, inputs, lora=self.lora_config, quant=self.quant_config,
+            return dense_general_batched_call(self, inputs, lora=self.lora_config, quant=self.quant_config,
                                                backend=self.backend, deterministic=self.deterministic)
-        return _call(self, inputs, axis=self.axis, features=self.features, kernel_init=self.kernel_init,
+        return dense_call(self, inputs, axis=self.axis, features=self.features, kernel_init=self.kernel_init,
                      lora=self.lora_config, quant=self.quant_config, backend=self.backend,
                      deterministic=self.deterministic, flat_kernel_init=True)
 
 
-class QLoRAEinsum(nn.Module):
+class QLoRAEinsum(_QLoRAModule):
     """Drop-in for `nn.Einsum`: the kernel `shape` permuted to (*in_axes, *out_axes) and quantized as 2-D.
 
     in_axes are the kernel axes the equation contracts with the input (kernel order), out_axes the
@@ -298,18 +305,9 @@ class QLoRAEinsum(nn.Module):
 
     shape: Sequence[int]
     einsum_str: str | None = None
-    use_bias: bool = True
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    kernel_init: Any = nn.linear.default_kernel_init
-    bias_init: Any = nn.initializers.zeros_init()
-    lora_config: LoraConfig | None = LoraConfig()
-    quant_config: QuantConfig | None = QuantConfig()
-    backend: str = "auto"
-    deterministic: bool | None = None
 
     @nn.compact
     def __call__(self, inputs, einsum_str: str | None = None):
-        return _einsum_module_call(self, inputs, einsum_str, lora=self.lora_config, quant=self.quant_config,
+        return einsum_module_call(self, inputs, einsum_str, lora=self.lora_config, quant=self.quant_config,
                                    backend=self.backend, deterministic=self.deterministic)
+

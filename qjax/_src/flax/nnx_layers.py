@@ -16,8 +16,10 @@ from flax import nnx
 
 from qjax._src.adapters import lora as L
 from qjax._src.matmul import base as B
+from qjax._src.flax import planner as P
 from qjax._src.errors import describe
 from qjax._src.adapters.config import LoraConfig
+from qjax._src.adapters.variant import LoRA
 from qjax._src.core.policy import QuantConfig
 from qjax._src.core.qarray import is_quantized
 
@@ -28,8 +30,8 @@ class BaseParam(nnx.Variable):
     """The frozen base kernel of a LoRA layer: a QuantizedArray (or a dense array in 16-bit LoRA)."""
 
 
-class _QLoRABase(nnx.Module):
-    """Shared state and call of the NNX QLoRA layers (kernel, bias, lora_a, lora_b, dropout)."""
+class QLoRABase(nnx.Module):
+    """Shared state and call of the NNX QLoRA layers (kernel, bias, the adapter variant's leaves, dropout)."""
 
     def _setup(self, kernel, bias, *, in_shape, out_shape, lead, dtype, param_dtype, precision,
                lora_config, quant_config, backend, rngs, where, batch=()):
@@ -43,29 +45,20 @@ class _QLoRABase(nnx.Module):
         self.lora_config, self.quant_config, self.backend = lora_config, quant_config, backend
         self.where = where
         self.use_bias = bias is not None
-        loftq = None
         if lora_config is not None:
             L.check_rank(lora_config.r, in_shape, out_shape, where)
-        if quant_config is not None and not is_quantized(kernel):
-            try:
-                if L.wants_loftq(lora_config, quant_config):
-                    kernel, *loftq = L.loftq_kernel(kernel, len(in_shape), lora_config, quant_config,
-                                                    lead=len(stack))
-                else:
-                    kernel = B.quantize_kernel(kernel, len(in_shape), quant_config, lead=len(stack))
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"{where}/kernel: {e}") from None
+        quantize = quant_config if not is_quantized(kernel) else None  # a quantized kernel stays as it is
+        key = rngs.params() if lora_config is not None and not L.wants_loftq(lora_config, quantize) else None
+        kernel, adapters = P.adapter_params(where, P.KernelLayout(self.in_shape, self.out_shape, lead=stack), kernel,
+                                            lora_config, quantize, key)
         self.kernel = BaseParam(kernel)
         self.bias = nnx.Param(bias) if bias is not None else nnx.data(None)
         if lora_config is not None:
-            if loftq is not None:
-                a, b = loftq
-            else:
-                a, b = L.init_adapters(rngs.params(), in_shape, out_shape, lora_config.r, lora_config.init,
-                                       lead=stack)
-            self.lora_a, self.lora_b = LoRAParam(a), LoRAParam(b)
+            for name, value in adapters.items():
+                setattr(self, name, LoRAParam(value))
         else:
-            self.lora_a = self.lora_b = nnx.data(None)
+            for name in LoRA.leaves():  # the adapter slots stay, empty
+                setattr(self, name, nnx.data(None))
         if lora_config is not None and lora_config.dropout > 0:
             self.lora_dropout = nnx.Dropout(lora_config.dropout, rngs=rngs)
         else:
@@ -86,11 +79,15 @@ class _QLoRABase(nnx.Module):
         n_lead = len(kernel.stack_shape) - len(self.batch) if is_quantized(kernel) else \
             jnp.ndim(kernel) - len(self._dense_shape())
         lead = self.lead if n_lead == len(self.lead) else ()
-        lora = self.lora_config is not None
-        L.check_layer(self.where, kernel, self.lora_a.get_value() if lora and self.lora_a is not None else None,
-                      self.lora_b.get_value() if lora and self.lora_b is not None else None,
-                      in_shape=self.in_shape, out_shape=self.out_shape, stack=lead + self.batch,
-                      r=self.lora_config.r if lora else None, dense_shape=lead + self._dense_shape())
+        L.check_params(self.where, kernel, self.adapters(), lora_config=self.lora_config, in_shape=self.in_shape,
+                       out_shape=self.out_shape, stack=lead + self.batch, dense_shape=lead + self._dense_shape())
+
+    def adapters(self) -> dict | None:
+        """{leaf: value} of the LoraConfig variant's adapter leaves (absent ones None), or None without adapters."""
+        if self.lora_config is None:
+            return None
+        nodes = {name: getattr(self, name, None) for name in self.lora_config.variant.leaves()}
+        return {name: node.get_value() if node is not None else None for name, node in nodes.items()}
 
     def _operands(self, x):
         """(kernel, bias, out dtype, compute dtype of the base matmul) for input x."""
@@ -102,53 +99,40 @@ class _QLoRABase(nnx.Module):
             compute = self.quant_config.compute_dtype
         return kernel, bias, out_dtype, compute
 
-    def _apply(self, x):
-        self._check(x)
-        n_in = len(self.in_shape)
+    def _run(self, x, plan: B.EinsumPlan | None = None):
+        """The adapted layer on x: Dense-like (plan None) or the einsum `plan` (kernel (*batch, *in, *out)
+        quantized, or dense in plan.rhs order)."""
+        self._check(x if plan is None else None)
         kernel, bias, out_dtype, compute = self._operands(x)
-        base = L.lora_linear(x, kernel, bias, None, None, n_in=n_in, out_shape=self.out_shape, scaling=0.0,
-                             compute_dtype=compute, out_dtype=compute, precision=self.precision,
-                             backend=self.backend, int8_threshold=B.llm_int8_threshold(kernel, self.quant_config))
-        if self.lora_a is None:
-            return base.astype(out_dtype)
-        xd = self.lora_dropout(x) if self.lora_dropout is not None else x
-        delta = L.lora_delta(xd, self.lora_a.get_value(), self.lora_b.get_value(), n_in=n_in,
-                             scaling=self.lora_config.scaling, precision=self.precision)
-        dtype = jnp.promote_types(base.dtype, delta.dtype)
-        return (base.astype(dtype) + delta.astype(dtype)).astype(out_dtype)
+        lora = self.lora_config
+        return L.adapted(x, kernel, bias, self.adapters(), variant=lora.variant if lora is not None else None,
+                         scaling=lora.scaling if lora is not None else 0.0, out_shape=self.out_shape,
+                         compute_dtype=compute, out_dtype=out_dtype, n_in=len(self.in_shape), plan=plan,
+                         precision=self.precision, drop=self.lora_dropout, backend=self.backend,
+                         int8_threshold=B.llm_int8_threshold(kernel, self.quant_config))
+
+    def _apply(self, x):
+        return self._run(x)
 
     def _einsum_apply(self, x, plan: B.EinsumPlan):
-        """The layer as the einsum `plan` (kernel (*batch, *in, *out) quantized, or dense in plan.rhs order)."""
-        self._check(None)
-        kernel, bias, out_dtype, compute = self._operands(x)
-        base = L.einsum_lora(x, plan, kernel, bias, None, None, out_shape=self.out_shape, scaling=0.0,
-                             compute_dtype=compute, out_dtype=compute, precision=self.precision,
-                             backend=self.backend, int8_threshold=B.llm_int8_threshold(kernel, self.quant_config))
-        if self.lora_a is None:
-            return base.astype(out_dtype)
-        x2, kept = plan.to_in_last(x)
-        xd = self.lora_dropout(x2) if self.lora_dropout is not None else x2
-        delta = B.vmap_lead(lambda xb, a, b: L.lora_delta(xb, a, b, n_in=len(self.in_shape),
-                                                          scaling=self.lora_config.scaling, precision=self.precision),
-                            len(plan.batch_labels))(xd, self.lora_a.get_value(), self.lora_b.get_value())
-        delta = plan.to_result(delta, kept, x.ndim)
-        dtype = jnp.promote_types(base.dtype, delta.dtype)
-        return (base.astype(dtype) + delta.astype(dtype)).astype(out_dtype)
+        return self._run(x, plan)
 
     def merged_kernel(self, dtype=None) -> jax.Array:
-        """W + scaling * A @ B as a dense (*lead, *batch, *in, *out) array (default: the kernel's original dtype)."""
+        """The kernel with the adapter folded in (the variant's merge; LoRA: W + scaling * A @ B) as a dense
+        array in the layer's layout (*lead, *batch, *in, *out) (default dtype: the kernel's original)."""
         self._check(None)
-        kernel = self.kernel.get_value()
-        a = self.lora_a.get_value() if self.lora_a is not None else None
-        b = self.lora_b.get_value() if self.lora_b is not None else None
-        scaling = self.lora_config.scaling if self.lora_config is not None else 0.0
-        dtype = dtype or B.kernel_dtype(kernel)
-        fn = lambda k, a, b: L.merged_kernel(k, a, b, in_shape=self.in_shape, out_shape=self.out_shape,
-                                             scaling=scaling, dtype=dtype)
-        return B.vmap_lead(fn, len(self.lead) + len(self.batch))(kernel, a, b)
+        kernel, lora = self.kernel.get_value(), self.lora_config
+        kw = dict(variant=lora.variant if lora is not None else None, scaling=lora.scaling if lora is not None else 0.0,
+                  dtype=dtype or B.kernel_dtype(kernel))
+        return B.vmap_lead(lambda k, p: self._merged_one(k, p, **kw), len(self.lead))(kernel, self.adapters())
+
+    def _merged_one(self, kernel, params, **kw) -> jax.Array:
+        """One stacked layer's merged kernel (*batch, *in, *out) (`merged_kernel`)."""
+        fn = lambda k, p: L.merged_params(k, p, in_shape=self.in_shape, out_shape=self.out_shape, **kw)  # noqa: E731
+        return B.vmap_lead(fn, len(self.batch))(kernel, params)
 
 
-class QLoRALinear(_QLoRABase):
+class QLoRALinear(QLoRABase):
     """Drop-in for `nnx.Linear`: frozen quantized kernel plus trainable LoRA adapters.
 
     in_features, out_features, use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as
@@ -185,7 +169,7 @@ class QLoRALinear(_QLoRABase):
         return self._apply(x)
 
 
-class QLoRALinearGeneral(_QLoRABase):
+class QLoRALinearGeneral(QLoRABase):
     """Drop-in for `nnx.LinearGeneral` (contracting the trailing `len(in_features)` axes).
 
     Attributes: kernel: BaseParam(QuantizedArray (prod(in), prod(out))); bias: Param (*out,);
@@ -251,7 +235,7 @@ def einsum_plan(m: nnx.Einsum, where: str) -> B.EinsumPlan:
     return B.EinsumPlan(m.einsum_str, where, m.kernel_shape)
 
 
-class QLoRAEinsum(_QLoRABase):
+class QLoRAEinsum(QLoRABase):
     """Drop-in for `nnx.Einsum` (einsum_str given at construction): kernel permuted to (*in, *out), quantized as 2-D.
 
     in axes: the kernel axes the equation contracts with the input (kernel order); out axes: the
@@ -306,15 +290,8 @@ class QLoRAEinsum(_QLoRABase):
     def _dense_shape(self) -> tuple[int, ...]:
         return self.kernel_shape  # a dense Einsum kernel keeps its own layout
 
-    def merged_kernel(self, dtype=None) -> jax.Array:
-        """W + scaling * A @ B as a dense (*lead, *kernel_shape) array (default: the kernel's original dtype)."""
-        self._check(None)
-        plan = B.EinsumPlan(self.einsum_str)
-        kernel = self.kernel.get_value()
-        a = self.lora_a.get_value() if self.lora_a is not None else None
-        b = self.lora_b.get_value() if self.lora_b is not None else None
-        scaling = self.lora_config.scaling if self.lora_config is not None else 0.0
-        dtype = dtype or B.kernel_dtype(kernel)
-        fn = lambda k, a, b: L.einsum_merged_kernel(plan, k, a, b, kernel_shape=self.kernel_shape,  # noqa: E731
-                                                    scaling=scaling, dtype=dtype)
-        return B.vmap_lead(fn, len(self.lead))(kernel, a, b)
+    def _merged_one(self, kernel, params, **kw) -> jax.Array:
+        """One stacked layer's merged kernel in the Einsum's own layout `kernel_shape`."""
+        return L.einsum_merged_params(B.EinsumPlan(self.einsum_str), kernel, params, kernel_shape=self.kernel_shape,
+                                      **kw)
+

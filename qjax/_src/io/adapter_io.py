@@ -1,4 +1,5 @@
-"""Adapter-only checkpoints: the `lora_a` / `lora_b` leaves plus the LoraConfig, as an orbax checkpoint."""
+"""Adapter-only checkpoints: the adapter variant's leaves (LoRA's `lora_a` / `lora_b`) plus the LoraConfig,
+as an orbax checkpoint."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ from qjax._src import paths
 from qjax._src.io import checkpoint as ck
 from qjax._src.io import files as files
 from qjax._src.adapters.config import LoraConfig
+from qjax._src.adapters.variant import variant_for, variant_from_json
 
 ADAPTERS_KEY = "qjax_adapters"
 # Fields that change what the stored adapters compute; dropout / init / loftq_* do not.
-_CHECKED_FIELDS = ("r", "alpha", "use_rslora", "target_modules", "exclude")
+_CHECKED_FIELDS = ("r", "alpha", "use_rslora", "target_modules", "exclude", "variant")
 
 
 def config_to_json(config: LoraConfig) -> dict:
-    out = dataclasses.asdict(config)
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    out["variant"] = config.variant.to_json()
     for field in ("target_modules", "exclude"):
         value = out[field]
         if not isinstance(value, str):
@@ -40,7 +43,10 @@ def config_from_json(d: dict, where: str = "the stored LoraConfig") -> LoraConfi
                                  "is damaged or was not written by qjax")
     known = {f.name for f in dataclasses.fields(LoraConfig)}
     try:
-        return LoraConfig(**{k: v for k, v in d.items() if k in known})
+        fields = {k: v for k, v in d.items() if k in known}
+        if "variant" in fields:  # absent in files written before variants: LoRA
+            fields["variant"] = variant_from_json(fields["variant"])
+        return LoraConfig(**fields)
     except (TypeError, ValueError) as e:
         raise ck.CheckpointError(f"{where} is not a valid LoraConfig ({d!r}): {e}") from None
 
@@ -55,14 +61,15 @@ def _name(path) -> str:
 
 def save_adapters(path, variables_or_model, lora_config: LoraConfig, *, force: bool = False,
                   custom_metadata: dict | None = None, allow_nonfinite: bool = False) -> None:
-    """Saves only the adapters (every `lora_a` / `lora_b` leaf) and the LoraConfig.
+    """Saves only the adapters (every adapter variant's leaf: LoRA's `lora_a` / `lora_b`) and the LoraConfig.
 
     path: directory to create, or with force=True an adapter checkpoint to replace; written
       beside `path` and swapped in when complete (see `qjax.checkpoint.save`).
     variables_or_model: Linen variables, an `nnx.State`, or an NNX module holding adapters.
     lora_config: the LoraConfig the adapters were trained with; stored as JSON.
     allow_nonfinite: save adapters holding NaN / inf too.
-    Raises ValueError when there are no adapters, an adapter's A/B shapes do not chain or an
+    Raises ValueError when there are no adapters, an adapter's shapes do not fit its variant, its
+    variant or rank is not lora_config's, or an
     adapter holds NaN / inf (named by path, shape, dtype, count), TypeError when lora_config is
     not a LoraConfig, CheckpointError as `qjax.checkpoint.save` does.
     """
@@ -70,7 +77,11 @@ def save_adapters(path, variables_or_model, lora_config: LoraConfig, *, force: b
         raise TypeError(f"lora_config must be a qjax.LoraConfig, got {type(lora_config).__name__}")
     flat = ad.flat_adapters(variables_or_model)
     groups = ad.modules(flat)
-    ranks = {np.shape(p["lora_a"])[-1] for p in groups.values()}
+    kinds = {variant_for(p) for p in groups.values()}
+    if kinds != {type(lora_config.variant)}:
+        raise ValueError(f"adapters are {sorted(k.name for k in kinds)} but "
+                         f"lora_config.variant={lora_config.variant!r}")
+    ranks = {variant_for(p).layout({k: np.shape(v) for k, v in p.items()}).r for p in groups.values()}
     if ranks != {lora_config.r}:
         raise ValueError(f"adapters have rank(s) {sorted(ranks)} but lora_config.r={lora_config.r}")
     if not allow_nonfinite:
@@ -115,6 +126,16 @@ def _read(path) -> dict:
     return meta
 
 
+def _rank_axes(model_flat) -> dict[tuple, int]:
+    """{adapter leaf path: index of its RANK axis} for the model's adapters (leaves without one left out)."""
+    out = {}
+    for mod, leaves in ad.modules(model_flat).items():
+        variant = variant_for(leaves)
+        layout = variant.layout({k: np.shape(v) for k, v in leaves.items()})
+        out.update({mod + (leaf,): i for leaf in leaves for i in (variant.rank_axis(leaf, layout),) if i is not None})
+    return out
+
+
 def read_adapter_config(path) -> LoraConfig:
     """The LoraConfig stored by `save_adapters` at `path`; CheckpointError for damaged metadata."""
     return config_from_json(_read(path)["lora_config"], f"the LoraConfig stored in {os.fspath(path)!r}")
@@ -152,14 +173,13 @@ def load_adapters(path, variables_or_model, lora_config: LoraConfig | None = Non
     saved_n = {norm(p): p for p in saved}
     problems = [f"{_name(p)} is in the model but not in the checkpoint" for p in sorted(set(model_n) - set(saved_n))]
     problems += [f"{_name(p)} is in the checkpoint but not in the model" for p in sorted(set(saved_n) - set(model_n))]
+    ranks = _rank_axes(model)
     for p in sorted(set(model_n) & set(saved_n)):
         s, m = tuple(saved[saved_n[p]]["shape"]), tuple(np.shape(model[model_n[p]]))
         if s != m:
-            rank = ""
-            if p[-1] == "lora_a" and s[:-1] == m[:-1]:
-                rank = f" (LoRA rank r={s[-1]} in the checkpoint, r={m[-1]} in the model)"
-            elif p[-1] == "lora_b" and s[1:] == m[1:]:
-                rank = f" (LoRA rank r={s[0]} in the checkpoint, r={m[0]} in the model)"
+            i = ranks.get(model_n[p])
+            rank = (f" (LoRA rank r={s[i]} in the checkpoint, r={m[i]} in the model)" if i is not None and
+                    len(s) == len(m) and s[:i] + s[i + 1:] == m[:i] + m[i + 1:] else "")
             problems.append(f"{_name(p)}: checkpoint shape={s}, model shape={m}{rank}")
     if not problems:
         from qjax._src.io.peft import scaling_problems  # the same check as PEFT files get

@@ -9,23 +9,9 @@ import numpy as np
 
 from qjax._src.core import formats
 from qjax._src.errors import describe
-from qjax._src.core.qarray import QuantizedArray, _swap_last2, check_leaves, leaf_shapes
-
-_BNB_DTYPES = {"float32": np.dtype("float32"), "float16": np.dtype("float16")}
-
-
-def _dtype_name(dtype) -> str:
-    return np.dtype(dtype).name  # "float32", "float16", "bfloat16" (ml_dtypes), as torch prints them
-
-
-def _parse_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes  # jax's dependency
-        return np.dtype(ml_dtypes.bfloat16)
-    if name not in _BNB_DTYPES:
-        raise ValueError(f"bitsandbytes state dict has dtype {name!r}; expected float32, bfloat16 or float16")
-    return _BNB_DTYPES[name]
-
+from qjax._src.core.family import dtype_name, parse_dtype
+from qjax._src.core.partition import swap_last2
+from qjax._src.core.qarray import QuantizedArray, leaf_shapes
 
 def _state_key(fmt: str) -> str:
     return f"quant_state.bitsandbytes__{fmt}"
@@ -38,7 +24,7 @@ def bnb_weight(q: QuantizedArray) -> np.ndarray:
 
 
 def _check_4bit(q: QuantizedArray) -> None:
-    if not isinstance(q, QuantizedArray) or q.format not in ("nf4", "fp4"):
+    if not isinstance(q, QuantizedArray) or not q.spec.is_bnb_4bit:
         raise ValueError(f"bitsandbytes' 4-bit state holds nf4 or fp4 weights, got {q!r}")
 
 
@@ -50,8 +36,8 @@ def bnb_state_dict(q: QuantizedArray) -> dict[str, np.ndarray]:
     is the storage shape: a `transposed` q (torch `(out, in)`) records `(out, in)`.
     """
     _check_4bit(q)
-    spec = formats.get_format(q.format)
-    blob = {"quant_type": q.format, "blocksize": q.blocksize, "dtype": _dtype_name(q.dtype),
+    spec = q.spec
+    blob = {"quant_type": q.format, "blocksize": q.blocksize, "dtype": dtype_name(q.dtype),
             "shape": list(q.storage_shape)}
     out = {"absmax": np.asarray(q.absmax).reshape(-1), "quant_map": np.asarray(spec.codebook.code)}
     if q.double_quant:
@@ -75,8 +61,9 @@ def _blob(key: str, raw) -> dict:
     if not isinstance(blob, dict):
         raise ValueError(f"{key} holds a JSON {type(blob).__name__}, not bitsandbytes' quant_state object")
     fmt = blob.get("quant_type")
-    if fmt not in ("nf4", "fp4"):
-        raise ValueError(f"{key} has quant_type={fmt!r}; expected 'nf4' or 'fp4'")
+    bnb_4bit = [f.name for f in formats.FORMATS.values() if f.is_bnb_4bit]
+    if fmt not in bnb_4bit:
+        raise ValueError(f"{key} has quant_type={fmt!r}; expected one of {bnb_4bit}")
     missing = [k for k in ("blocksize", "shape", "dtype") if k not in blob]
     if missing:
         raise ValueError(f"{key} lacks {missing}: bitsandbytes records quant_type, blocksize, shape and dtype")
@@ -121,7 +108,7 @@ def from_bnb_state_dict(packed_weight, state_dict, *, transposed: bool = False) 
     blob = _blob(keys[0], sd[keys[0]])
     fmt = blob["quant_type"]
     storage = tuple(blob["shape"])
-    shape = _swap_last2(storage) if transposed else storage
+    shape = swap_last2(storage) if transposed else storage
     blocksize = blob["blocksize"]
     double_quant = "nested_absmax" in sd
     if double_quant and not isinstance(blob.get("nested_offset"), (int, float)):
@@ -168,11 +155,11 @@ def from_bnb_state_dict(packed_weight, state_dict, *, transposed: bool = False) 
     else:
         _finite("absmax", absmax)
     try:
-        dtype = _parse_dtype(blob["dtype"])
+        dtype = parse_dtype(blob["dtype"], "bitsandbytes state dict")
     except ValueError as e:
         raise ValueError(f"{keys[0]}: {e}") from None
     q = QuantizedArray(packed=packed.reshape(expected["packed"]), absmax=absmax.reshape(expected["absmax"]),
                        nested_absmax=nested, offset=offset, format=fmt, blocksize=blocksize, shape=shape,
                        dtype=dtype, transposed=transposed)
-    check_leaves(q, "from_bnb_state_dict")
+    q.check_leaves("from_bnb_state_dict")
     return q

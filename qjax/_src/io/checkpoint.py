@@ -1,10 +1,11 @@
 """orbax checkpoints of qjax trees: static metadata beside the arrays, restore with or without a target.
 
-orbax saves a QuantizedArray's children (packed codes, absmax, nested absmax, offset) as
-ordinary arrays, in their packed form, and restores them bit for bit onto a target. What it
-cannot know are the static fields (format, blocksize, shape, dtype, transposed): qjax stores
-them as JSON in the step's `custom_metadata` under "qjax", with a CRC32 of every array, so
-`restore(path)` rebuilds QuantizedArrays without a target and detects corrupted data.
+orbax saves a quantized array's leaves (a QuantizedArray's packed codes, absmax, nested absmax,
+offset) as ordinary arrays, in their packed form, and restores them bit for bit onto a target.
+What it cannot know are the static fields (format, blocksize, shape, dtype, transposed): qjax
+stores each array's `metadata()` as JSON in the step's `custom_metadata` under "qjax", with a
+CRC32 of every array, so `restore(path)` rebuilds quantized arrays without a target (the
+family named by the entry's "family"; none means QuantizedArray) and detects corrupted data.
 
 `save` never deletes the old checkpoint before the new one is complete: it validates the tree
 first, then writes beside `path` and swaps the new directory in whole (`ckpt_files`).
@@ -23,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._src.paths import json_key, lookup, path_keys, set_in
-from qjax._src.io.bnb import _dtype_name, _parse_dtype
 from qjax._src.io import files as files
-from qjax._src.core.qarray import QuantizedArray, check_leaves, is_quantized
+from qjax._src.core.family import QuantizedBase, family, is_quantized
+from qjax._src.core.qarray import QuantizedArray
 from qjax._src.errors import CheckpointError, describe, named
 
 METADATA_KEY = "qjax"
@@ -33,7 +34,6 @@ METADATA_KEY = "qjax"
 _RACE_SECONDS = 120.0
 FORMAT_VERSION = 1
 _TREE_METADATA_FILE = "_METADATA"
-_CHILDREN = ("packed", "absmax", "nested_absmax", "offset")
 
 
 def _ocp():
@@ -55,8 +55,9 @@ def _fully_addressable(x) -> bool:
 def tree_metadata(tree, *, checksums: bool = False) -> dict:
     """JSON-able static metadata of a qjax tree, to store beside it in orbax's custom metadata.
 
-    Returns {"qjax": {"format_version", "quantized": [{"path", "format", "blocksize", "shape",
-    "dtype", "transposed", "double_quant"}, ...], "checksums": {"a/b/packed": crc32, ...}}}.
+    Returns {"qjax": {"format_version", "quantized": [{"path", **q.metadata()}, ...],
+    "checksums": {"a/b/packed": crc32, ...}}}; a QuantizedArray's metadata is {"format",
+    "blocksize", "shape", "dtype", "transposed", "double_quant"}, another family's starts with "family".
     Pass it as `custom_metadata=` to `StandardCheckpointer.save` or `CheckpointManager.save`.
     checksums: also CRC32 every array (copies it to the host once); `restore` verifies them.
     """
@@ -65,10 +66,8 @@ def tree_metadata(tree, *, checksums: bool = False) -> dict:
     for p, x in leaves:
         path = [json_key(k) for k in path_keys(p)]
         if is_quantized(x):
-            quantized.append({"path": path, "format": x.format, "blocksize": x.blocksize,
-                              "shape": list(x.shape), "dtype": _dtype_name(x.dtype),
-                              "transposed": bool(x.transposed), "double_quant": x.double_quant})
-            children = {c: getattr(x, c) for c in _CHILDREN if getattr(x, c) is not None}
+            quantized.append({"path": path, **x.metadata()})
+            children = x.leaves()
         else:
             children = {None: x}
         if checksums:
@@ -158,21 +157,27 @@ def to_json(value, name: str):
                     "use numbers, strings, lists and dicts with str keys")
 
 
-def _rebuild(raw, entry: dict, where: str) -> QuantizedArray:
+def _family_of(entry: dict, where: str) -> type:
+    """The class of a metadata entry: its "family", or QuantizedArray for entries without one."""
+    try:
+        return family(entry["family"]) if "family" in entry else QuantizedArray
+    except KeyError as e:
+        raise CheckpointError(f"{where}: {'/'.join(map(str, entry['path']))!r}: {e.args[0]}") from None
+
+
+def _rebuild(raw, entry: dict, where: str) -> QuantizedBase:
+    name = "/".join(map(str, entry["path"]))
     try:
         node = lookup(raw, entry["path"])
     except (KeyError, IndexError, TypeError, ValueError):
-        raise CheckpointError(f"{where}: metadata names {'/'.join(map(str, entry['path']))!r}, "
-                              "which the stored arrays do not hold") from None
-    if not isinstance(node, dict) or "packed" not in node or "absmax" not in node:
-        raise CheckpointError(f"{where}: {'/'.join(map(str, entry['path']))!r} is not a stored QuantizedArray")
-    q = QuantizedArray(packed=node["packed"], absmax=node["absmax"], nested_absmax=node.get("nested_absmax"),
-                       offset=node.get("offset"), format=entry["format"], blocksize=entry["blocksize"],
-                       shape=tuple(entry["shape"]), dtype=_parse_dtype(entry["dtype"]),
-                       transposed=bool(entry["transposed"]))
+        raise CheckpointError(f"{where}: metadata names {name!r}, which the stored arrays do not hold") from None
+    cls = _family_of(entry, where)
+    if not isinstance(node, dict) or not any(n in node for n in cls.leaf_names):
+        raise CheckpointError(f"{where}: {name!r} is not a stored {cls.__name__}")
     try:
-        check_leaves(q, "/".join(map(str, entry["path"])), stacked=True)  # scanned layers
-    except ValueError as e:
+        q = cls.from_metadata(entry, node)
+        q.check_leaves(name, stacked=True)  # scanned layers
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
     return q
 
@@ -372,6 +377,11 @@ def save(path, tree, *, force: bool = False, custom_metadata: dict | None = None
             raise
 
 
+def _static(value):
+    """A metadata value comparable with its JSON round trip (lists as tuples)."""
+    return tuple(_static(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def check_target(stored: dict, qmeta: dict | None, target, where: str) -> None:
     problems = []
     target_leaves = {path_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
@@ -393,11 +403,12 @@ def check_target(stored: dict, qmeta: dict | None, target, where: str) -> None:
             t = qtarget.get(norm(e["path"]))
             if t is None:
                 continue
-            saved = (e["format"], e["blocksize"], tuple(e["shape"]), e["dtype"], bool(e["transposed"]))
-            have = (t.format, t.blocksize, tuple(t.shape), _dtype_name(t.dtype), bool(t.transposed))
+            keys = ("family",) + type(t).static_names
+            saved = tuple(_static(e.get(k, QuantizedArray.family if k == "family" else None)) for k in keys)
+            have = tuple(_static(t.metadata().get(k, t.family if k == "family" else None)) for k in keys)
             if saved != have:
-                problems.append(f"{'/'.join(norm(e['path']))}: checkpoint holds (format, blocksize, shape, dtype, "
-                                f"transposed)={saved}, target has {have}")
+                problems.append(f"{'/'.join(norm(e['path']))}: checkpoint holds ({', '.join(keys)})={saved}, "
+                                f"target has {have}")
     if problems:
         raise CheckpointError(f"checkpoint {where!r} does not fit the target:\n  " + "\n  ".join(problems[:20])
                               + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))

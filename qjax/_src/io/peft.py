@@ -1,9 +1,10 @@
 """PEFT LoRA adapter files both ways: adapter_model.safetensors + adapter_config.json.
 
-qjax adapters are `lora_a` (in, r) and `lora_b` (r, out) with output `x @ A @ B * scaling`
-(rank > 2 adapters of DenseGeneral / Einsum layers are flattened to those);
-PEFT stores torch Linear weights `lora_A.weight` (r, in) and `lora_B.weight` (out, r) under
-"base_model.model.<module>.", so each is the transpose of the other. Module names go through
+Each adapter leaf is written as its variant says (`AdapterVariant.peft_names` / `to_peft`): LoRA's
+`lora_a` (in, r) and `lora_b` (r, out) with output `x @ A @ B * scaling` (rank > 2 adapters of
+DenseGeneral / Einsum layers are flattened to those) are PEFT's torch Linear weights
+`lora_A.weight` (r, in) and `lora_B.weight` (out, r) under "base_model.model.<module>.", so each is
+the transpose of the other. Module names go through
 a `NameMap` (default: Hugging Face Llama names). Stacked adapters of scanned / vmapped layers
 (`lora_a (L, *in, r)`, `lora_b (L, r, *out)`) are one PEFT module per layer. Per-expert adapters of
 batched einsums (`lora_a (E, *in, r)`, `lora_b (E, r, *out)`) are refused (ValueError naming the module
@@ -23,6 +24,7 @@ import numpy as np
 from qjax._src.adapters import tree as ad
 from qjax._src.errors import describe, float_dtype, named
 from qjax._src.adapters.config import LoraConfig
+from qjax._src.adapters.variant import variant_for
 from qjax._src.io.names import LLAMA, NameMap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -132,34 +134,23 @@ def scaling_problems(saved: LoraConfig, variables_or_model, lora_config: LoraCon
     return problems
 
 
-def _flat2d_shape(shape, leaf: str) -> tuple[int, int]:
-    """lora_a (*in, r) -> (prod(in), r); lora_b (r, *out) -> (r, prod(out))."""
-    if leaf == "lora_a":
-        return (int(np.prod(shape[:-1])), shape[-1])
-    return (shape[0], int(np.prod(shape[1:])))
-
-
-def _flat2d(x: np.ndarray, leaf: str) -> np.ndarray:
-    return np.reshape(x, _flat2d_shape(x.shape, leaf))
-
-
 def _module_name(path) -> str:
     return "/".join(map(str, path))
 
 
-def _layers(path, a_shape, b_shape, stacked_module: str, nnx: bool) -> list[tuple[tuple, int | None]]:
-    """The PEFT modules of one adapter as [(Flax module path, index in its stack)].
+def _layers(path, leaves: dict, stacked_module: str, nnx: bool) -> list[tuple[tuple, int | None]]:
+    """The PEFT modules of one adapter ({leaf: array}) as [(Flax module path, index in its stack)].
 
     A plain adapter is [(path, None)]. A stack of L layers (lora_a (L, *in, r), lora_b (L, r, *out))
     is one module per layer i < L: the path's component named `stacked_module` becomes
     `{stacked_module}_{i}` (Linen, like `layers_0`) or `{stacked_module}/{i}` (NNX, like `layers/0`).
     Raises ValueError for nested stacks or a path without exactly one such component.
     """
-    lead = ad.stacked_axes(a_shape, b_shape)
+    lead = ad.stacked_axes(leaves)
     if lead == 0:
         return [(path, None)]
-    what = (f"module {_module_name(path)!r} has stacked adapters (lora_a shape={tuple(a_shape)}, "
-            f"lora_b shape={tuple(b_shape)})")
+    shapes = ", ".join(f"{k} shape={tuple(np.shape(v))}" for k, v in leaves.items())
+    what = f"module {_module_name(path)!r} has stacked adapters ({shapes})"
     experts = ("; if they are per-expert adapters (a batched einsum or DenseGeneral batch_dims: lora_a "
                "(*experts, *in, r)), they have no PEFT Linear module and cannot be exported: exclude that "
                "layer from LoRA (LoraConfig.exclude) to export the others")
@@ -169,7 +160,8 @@ def _layers(path, a_shape, b_shape, stacked_module: str, nnx: bool) -> list[tupl
     j, why_not = ad.stack_component(path, stacked_module, nnx)
     if j is None:
         raise ValueError(what + why_not + experts)
-    return [(ad.layer_path(path, j, i, stacked_module, nnx), i) for i in range(a_shape[0])]
+    n = np.shape(next(iter(leaves.values())))[0]
+    return [(ad.layer_path(path, j, i, stacked_module, nnx), i) for i in range(n)]
 
 
 def save_peft_adapter(directory, variables_or_model, lora_config: LoraConfig, *, name_map: NameMap = LLAMA,
@@ -210,36 +202,43 @@ def save_peft_adapter(directory, variables_or_model, lora_config: LoraConfig, *,
     _raise_float_problems("cannot save these adapters to a PEFT file",
                           [(_module_name(p), x) for p, x in ad.flat_adapters(variables_or_model).items()])
     nnx = ad.is_nnx(variables_or_model)
+    variant = lora_config.variant
+    if set(variant.peft_names) != set(variant.leaves()):
+        raise ValueError(f"adapter variant {variant!r} has no PEFT form for its leaves "
+                         f"{sorted(set(variant.leaves()) - set(variant.peft_names))} (peft_names={variant.peft_names})")
     tensors, names = {}, {}
-    for path, pair in groups.items():
-        a, b = np.asarray(pair["lora_a"]), np.asarray(pair["lora_b"])
-        layers = _layers(path, a.shape, b.shape, stacked_module, nnx)
-        if a.shape[-1] != lora_config.r:
-            raise ValueError(f"module {_module_name(path)!r} has rank {a.shape[-1]}, lora_config.r={lora_config.r}")
+    for path, leaves in groups.items():
+        leaves = {k: np.asarray(v) for k, v in leaves.items()}
+        if variant_for(leaves) is not type(variant):
+            raise ValueError(f"module {_module_name(path)!r} has {sorted(leaves)}, not the leaves of "
+                             f"lora_config.variant={variant!r}")
+        layers = _layers(path, leaves, stacked_module, nnx)
+        r = variant.layout({k: v.shape for k, v in leaves.items()}).r
+        if r != lora_config.r:
+            raise ValueError(f"module {_module_name(path)!r} has rank {r}, lora_config.r={lora_config.r}")
         for layer_path, i in layers:
-            la, lb = (a, b) if i is None else (a[i], b[i])
-            la, lb = _flat2d(la, "lora_a"), _flat2d(lb, "lora_b")
             name = name_map.to_torch(_module_name(layer_path))
-            if f"{PREFIX}{name}.lora_A.weight" in tensors:
+            if name in names.values():
                 other = next(p for p, n in names.items() if n == name)
                 raise ValueError(f"modules {other!r} and {_module_name(layer_path)!r} both map to torch "
                                  f"module {name!r}")
             names[_module_name(layer_path)] = name
-            if dtype is not None:
-                with np.errstate(over="ignore"):  # overflow is reported below, by tensor
-                    la, lb = la.astype(dtype), lb.astype(dtype)
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(la.T)
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(lb.T)
+            for leaf, x in leaves.items():
+                x = variant.to_peft(leaf, x if i is None else x[i])
+                if dtype is not None:
+                    with np.errstate(over="ignore"):  # overflow is reported below, by tensor
+                        x = x.astype(dtype)
+                tensors[f"{PREFIX}{name}.{variant.peft_names[leaf]}"] = x
     if dtype is not None:
         _raise_float_problems(f"the adapters overflow dtype={np.dtype(dtype).name}", tensors.items())
     config = {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": lora_config.r, "lora_alpha": lora_config.alpha, "lora_dropout": lora_config.dropout,
         "use_rslora": lora_config.use_rslora,
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names.values()}),
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+        "rank_pattern": {}, "alpha_pattern": {}, **variant.peft_config(),
     }
     os.makedirs(directory, exist_ok=True)
     save_safetensors(os.path.join(directory, WEIGHTS_NAME), tensors, metadata={"format": "pt"})
@@ -404,35 +403,37 @@ def load_peft_adapter(directory, variables_or_model, lora_config: LoraConfig | N
     groups = ad.modules(ad.flat_adapters(variables_or_model))
     nnx = ad.is_nnx(variables_or_model)
     new, problems, used = {}, [], set()
-    for path, pair in groups.items():
-        layers = _layers(path, np.shape(pair["lora_a"]), np.shape(pair["lora_b"]), stacked_module, nnx)
-        for leaf, torch_leaf in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
-            shape, values = tuple(np.shape(pair[leaf])), []
+    for path, leaves in groups.items():
+        variant = variant_for(leaves)
+        layers = _layers(path, leaves, stacked_module, nnx)
+        for leaf in variant.peft_names:
+            shape, values = tuple(np.shape(leaves[leaf])), []
+            want = shape if layers[0][1] is None else shape[1:]
+            layout = variant.layout({k: np.shape(v)[0 if layers[0][1] is None else 1:] for k, v in leaves.items()},
+                                    n_lead=0)
+            rank = variant.rank_axis(leaf, layout) if layout is not None else None
             for layer_path, i in layers:
                 at = f"{_module_name(layer_path)}/{leaf}"
-                key = f"{PREFIX}{name_map.to_torch(_module_name(layer_path))}.{torch_leaf}.weight"
+                key = f"{PREFIX}{name_map.to_torch(_module_name(layer_path))}.{variant.peft_names[leaf]}"
                 if key not in tensors:
                     problems.append(f"{at}: {key!r} is not in the file")
                     continue
                 used.add(key)
                 file_key, value = tensors[key]
-                value = value.T
-                want = shape if i is None else shape[1:]
-                if value.shape == _flat2d_shape(want, leaf):
-                    value = np.reshape(value, want)  # a DenseGeneral / Einsum layer's flattened Linear
+                value = variant.from_peft(leaf, value, want)
                 if value.shape != want:
-                    ranks = (value.shape[-1], want[-1]) if leaf == "lora_a" else (value.shape[0], want[0])
+                    hint = ""
+                    if rank is not None and len(value.shape) == len(want) and value.shape[rank] != want[rank]:
+                        hint = f"; LoRA rank r={value.shape[rank]} in the file, r={want[rank]} in the model"
                     problems.append(f"{at}: file has shape={value.shape} (as {leaf}), model has shape={want}"
                                     + ("" if i is None else f" (layer {i} of {_module_name(path)!r}, shape={shape})")
-                                    + f"; tensor {named(file_key, tensors[key][1])}"
-                                    + ("" if ranks[0] == ranks[1] else
-                                       f"; LoRA rank r={ranks[0]} in the file, r={ranks[1]} in the model"))
+                                    + f"; tensor {named(file_key, tensors[key][1])}" + hint)
                     continue
                 values.append(value)
             if len(values) == len(layers):
                 value = values[0] if layers[0][1] is None else np.stack(values)
                 with np.errstate(over="ignore"):  # overflow is reported below, by tensor
-                    new[path + (leaf,)] = value.astype(pair[leaf].dtype)
+                    new[path + (leaf,)] = value.astype(leaves[leaf].dtype)
     unselected = sorted(k for k in used if not _selected(peft_cfg, k[len(PREFIX):].rsplit(".", 2)[0]))
     if unselected:
         problems.append(f"{', '.join(named(tensors[k][0], tensors[k][1]) for k in unselected[:4])}: adapters of "

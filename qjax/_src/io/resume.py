@@ -95,7 +95,7 @@ class ResumeManager:
         """Saves one step when `should_save(step)` or force; returns whether it saved.
 
         adapters: Linen variables, adapters tree, `nnx.State` or NNX module (only its
-        `lora_a`/`lora_b` leaves are stored). opt_state: any pytree of arrays (optax state).
+        adapter leaves, those of the registered variants such as LoRA's `lora_a`/`lora_b`, are stored). opt_state: any pytree of arrays (optax state).
         rng: a jax key (typed or raw) or None. data_position: any JSON-able value (e.g. the
         index of the next batch, or {"epoch": e, "index": i}); numpy numbers and arrays become
         Python numbers and lists, tuples lists. allow_nonfinite: save NaN / inf adapters or

@@ -20,12 +20,13 @@ import numpy as np
 from qjax._src.adapters import tree as ad
 from qjax._src import paths
 from qjax._src.adapters import lora as L
+from qjax._src.adapters.variant import variant_for
 from qjax._src.io.bnb import bnb_state_dict, bnb_weight, from_bnb_state_dict
 from qjax._src.errors import float_dtype, named
 from qjax._src.adapters.config import LoraConfig
 from qjax._src.io.names import LLAMA, NameMap
 from qjax._src.io.peft import layer_lora_configs, load_safetensors, save_safetensors, scaling_problems
-from qjax._src.core.qarray import is_quantized
+from qjax._src.core.qarray import QuantizedArray, is_quantized
 from qjax._src.core.quantize import dequantize, quantize
 
 _QSTATE = ".quant_state.bitsandbytes__"
@@ -163,10 +164,10 @@ def bnb_model_state_dict(variables, *, name_map: NameMap = LLAMA, requantize: bo
     """
     out: dict[str, np.ndarray] = {}
     for module, leaf, x in _leaves(variables):
-        if leaf in ad.ADAPTER_NAMES:
+        if ad.is_adapter_path((leaf,)):
             continue
         if is_quantized(x):
-            if leaf != "kernel" or x.format not in ("nf4", "fp4") or x.ndim != 2:
+            if leaf != "kernel" or not (isinstance(x, QuantizedArray) and x.spec.is_bnb_4bit) or x.ndim != 2:
                 raise ValueError(f"{module}/{leaf} is {x!r}; bitsandbytes Linear4bit holds 2-D nf4/fp4 kernels")
             if not x.transposed:
                 if not requantize:
@@ -229,31 +230,41 @@ def merged_state_dict(variables, lora_config: LoraConfig, *, dtype=jnp.bfloat16,
     entries = list(_unstacked(_leaves(variables), stacked_module, ad.is_nnx(variables)))
     by_module: dict[str, dict] = {}
     for module, leaf, x in entries:
-        if leaf in ad.ADAPTER_NAMES:
+        if ad.is_adapter_path((leaf,)):
             by_module.setdefault(module, {})[leaf] = x
-    half = sorted(m for m, pair in by_module.items() if len(pair) != 2)
-    if half:
-        raise ValueError(f"modules with only one of lora_a / lora_b: {half}")
+    partial = []
+    for m, leaves in by_module.items():
+        try:
+            variant_for(leaves, m)
+        except ValueError as e:
+            partial.append(str(e))
+    if partial:
+        raise ValueError("modules with only part of an adapter: " + "; ".join(sorted(partial)))
     out: dict[str, np.ndarray] = {}
     for module, leaf, x in entries:
-        if leaf in ad.ADAPTER_NAMES:
+        if ad.is_adapter_path((leaf,)):
             continue
-        pair = by_module.pop(module, None) if leaf == "kernel" else None
-        if pair is not None:
-            shapes = np.shape(pair["lora_a"]), np.shape(pair["lora_b"])
-            if shapes[0][-1] != lora_config.r:
-                raise ValueError(f"{module}: adapters of rank {shapes[0][-1]} (lora_a shape={shapes[0]}), but "
+        leaves = by_module.pop(module, None) if leaf == "kernel" else None
+        if leaves is not None:
+            shapes = {k: tuple(np.shape(v)) for k, v in leaves.items()}
+            what = ", ".join(f"{k} shape={v}" for k, v in shapes.items())
+            variant = variant_for(shapes, module)
+            if variant is not type(lora_config.variant):
+                raise ValueError(f"{module}: {variant.name!r} adapters ({what}), but lora_config.variant is "
+                                 f"{lora_config.variant!r}; pass the LoraConfig the model was converted with")
+            layout = variant.layout(shapes)
+            if layout is not None and layout.r != lora_config.r:
+                raise ValueError(f"{module}: adapters of rank {layout.r} ({what}), but "
                                  f"lora_config.r={lora_config.r}: its scaling is not the one these adapters were "
                                  "trained with; pass the LoraConfig the model was converted with")
-            if ad.stacked_axes(*shapes) != 0:
-                raise ValueError(f"{module}: stacked adapters (lora_a shape={shapes[0]}, lora_b shape={shapes[1]}) "
-                                 "are not one torch Linear (per-expert layers, or a scan not named "
-                                 f"stacked_module={stacked_module!r})")
+            if layout is None or layout.lead:
+                raise ValueError(f"{module}: stacked adapters ({what}) are not one torch Linear (per-expert layers, "
+                                 f"or a scan not named stacked_module={stacked_module!r})")
             # qjax.linen.merge / qjax.nnx.merge's math; a kernel of rank > 2 (DenseGeneral / Einsum) is
             # flattened to (prod(in), prod(out)), the layout of the torch Linear it stands for.
-            in_shape, out_shape = np.shape(pair["lora_a"])[:-1], np.shape(pair["lora_b"])[1:]
-            x = L.merged_kernel(x, pair["lora_a"], pair["lora_b"], in_shape=in_shape, out_shape=out_shape,
-                                scaling=lora_config.scaling, dtype=jnp.float32)
+            in_shape, out_shape = layout.in_shape, layout.out_shape
+            x = L.merged_params(x, leaves, variant=lora_config.variant, scaling=lora_config.scaling,
+                                in_shape=in_shape, out_shape=out_shape, dtype=jnp.float32)
             x = jnp.reshape(x, (math.prod(in_shape), math.prod(out_shape)))
         elif is_quantized(x):
             x = dequantize(x, jnp.float32)

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax._src.core.qarray import QuantizedArray, is_quantized
-from qjax._src.core.quantize import dequantize
-from qjax._src.matmul.qmatmul import explicit_sharding, qmatmul
+from qjax._src.core.family import QuantizedBase, is_quantized
+from qjax._src.core.qarray import QuantizedArray
+from qjax._src.matmul.qmatmul import explicit_leaf_sharding, qmatmul
 from qjax._src.matmul.sharded import qmatmul_sharded
 
 def _prod(shape: Sequence[int]) -> int:
@@ -29,9 +29,11 @@ def _prod(shape: Sequence[int]) -> int:
 
 
 
-def quantize_kernel(kernel, n_in: int, quant_config, lead: int = 0) -> QuantizedArray:
-    """Quantizes a dense kernel (*lead, *in, *out) as a 2-D (prod(in), prod(out)) QuantizedArray.
+def quantize_kernel(kernel, n_in: int, quant_config, lead: int = 0) -> QuantizedBase:
+    """Quantizes a dense kernel (*lead, *in, *out) as a 2-D (prod(in), prod(out)) quantized array.
 
+    quant_config: anything with `quantize(w2d) -> quantized array` (a QuantConfig, or a config of
+    another family): the family is whatever it returns.
     With lead > 0 each layer's (or expert's) slice is quantized on its own, one after the other
     (`lax.map`: the codes and statistics of quantizing it alone, bit for bit, and the temporaries
     of one layer at a time), so every leaf gets the leading axes and the static shape is that of
@@ -54,13 +56,14 @@ def llm_int8_threshold(kernel, quant_config):
     """The LLM.int8 threshold for a layer's base matmul, or None when it uses qmatmul.
 
     A quantized kernel goes through `int8_matmul` when the layer's config `is_llm_int8` (int8,
-    blocksize None); without a config, a per-channel int8 kernel uses the default threshold 6.0.
+    blocksize None; a config without that attribute never does); without a config, a kernel that
+    `is_llm_int8` (per-channel int8) uses the default threshold 6.0.
     """
     if not is_quantized(kernel):
         return None
     if quant_config is not None:
-        return float(quant_config.llm_int8_threshold) if quant_config.is_llm_int8 else None
-    return 6.0 if kernel.format == "int8" and kernel.blocksize is None else None
+        return float(quant_config.llm_int8_threshold) if getattr(quant_config, "is_llm_int8", False) else None
+    return 6.0 if kernel.is_llm_int8 else None
 
 
 
@@ -86,7 +89,7 @@ def base_matmul(x, kernel, *, n_in: int, out_shape: Sequence[int], compute_dtype
     if is_quantized(kernel):
         x2 = jnp.reshape(x, batch + (_prod(x.shape[x.ndim - n_in:]),))
         kw = dict(compute_dtype=compute_dtype, backend=backend, interpret=interpret, precision=precision)
-        if explicit_sharding(kernel.packed)[1] is not None:  # Explicit mesh axes: per shard, shard_map
+        if explicit_leaf_sharding(kernel)[1] is not None:  # Explicit mesh axes: per shard, shard_map
             y = qmatmul_sharded(x2, kernel, **kw)
         else:
             y = qmatmul(x2, kernel, **kw)
@@ -100,7 +103,7 @@ def base_matmul(x, kernel, *, n_in: int, out_shape: Sequence[int], compute_dtype
 def dense_kernel(kernel, in_shape: Sequence[int], out_shape: Sequence[int], dtype=None):
     """The base kernel as a dense (*in, *out) array (dequantized if quantized)."""
     if is_quantized(kernel):
-        w = dequantize(kernel, jnp.float32)
+        w = kernel.dequantize(jnp.float32)
         return jnp.reshape(w, tuple(in_shape) + tuple(out_shape)).astype(dtype or kernel.dtype)
     return jnp.asarray(kernel).astype(dtype or kernel.dtype)
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._src.errors import describe
-from qjax._src.core.qarray import QuantizedArray, check_leaves
+from qjax._src.core.family import is_quantized
+from qjax._src.core.qarray import QuantizedArray
 from qjax._src.core.quantize import check_float_array, dequantize
 
 _F32 = jnp.float32
@@ -65,11 +66,10 @@ def _check(x, w, threshold, max_outliers) -> None:
     check_float_array(x, "x")
     if np.ndim(x) == 0:
         raise ValueError(f"x must have rank >= 1 (..., K), got {describe(x)}")
-    if (not isinstance(w, QuantizedArray) or w.format != "int8" or w.blocksize is not None
-            or w.ndim != 2 or w.double_quant):
+    if not is_quantized(w) or not w.is_llm_int8 or w.ndim != 2 or w.double_quant:
         raise ValueError("int8_matmul needs w from qjax.quantize(W, 'int8', blocksize=None) with W of "
                          f"shape (K, N) and no double quantization, got {w!r}")
-    check_leaves(w, "int8_matmul w")
+    w.check_leaves("int8_matmul w")
     if np.shape(x)[-1] != w.shape[0]:
         raise ValueError(f"x ({describe(x)}) does not match w shape={w.shape}: "
                          f"x.shape[-1] must be K={w.shape[0]}")

@@ -1,4 +1,4 @@
-"""Sharding of LoRA adapters derived from their frozen kernel's PartitionSpec."""
+"""Sharding of adapters derived from their frozen kernel's PartitionSpec (each variant's `axes` say how)."""
 
 from __future__ import annotations
 
@@ -6,43 +6,50 @@ from typing import Mapping
 
 from jax.sharding import PartitionSpec
 
+from qjax._src.adapters.tree import is_adapter_path
+from qjax._src.adapters.variant import variant_for, variants
 from qjax._src.core.qarray import is_quantized
-from qjax._src.sharding.specs import as_spec, entry_axes, stacked_axes
+from qjax._src.sharding.specs import as_spec, stacked_axes
 
-LORA_A, LORA_B, KERNEL = "lora_a", "lora_b", "kernel"
+KERNEL = "kernel"
 
 
-def _lora_specs(kernel_spec, k_ndim: int, a_ndim: int, b_ndim: int, where: str, split_rank: bool = False,
-                lead: int | None = None):
-    """(A spec, B spec) from the kernel's spec: A (lead..., in..., r) like `in`, B (lead..., r, out...) like `out`.
+def _adapter_specs(variant, kernel_spec, k_ndim: int, shapes: Mapping[str, tuple] | None, where: str,
+                   split_rank: bool = False, lead: int | None = None) -> dict[str, PartitionSpec]:
+    """{leaf: spec} of one layer's adapter from its kernel's spec (`AdapterVariant.specs`).
 
-    lead: stacked-layer axes present in all three (split like the kernel's); None: inferred from
-    the ranks. A kernel of rank lead + 2 with more adapter axes is a flattened `(prod(in),
-    prod(out))` kernel (qjax.linen's DenseGeneral): its `in` / `out` entries go to the first
-    `in` / `out` axis of the adapters, which row-major flattening splits the same way.
-    split_rank: also split A's rank axis over the kernel's `out` mesh axes and B's over its `in`
-    mesh axes, so each adapter (and its optimizer state) is split over every axis its kernel uses.
+    k_ndim: the kernel's rank (a QuantizedArray's logical 2 plus its stacked axes). shapes: the
+    adapter's leaf shapes (None: a plain (in, out) kernel with leading axes stacked). lead:
+    stacked-layer axes (None: from the shapes and the kernel's rank). A kernel of rank lead + 2
+    with more in / out axes is a flattened `(prod(in), prod(out))` kernel (qjax.linen's
+    DenseGeneral): its `in` / `out` entries go to the first in / out axis of the adapter, which
+    row-major flattening splits the same way.
     """
-    if lead is None:
-        lead = a_ndim + b_ndim - 2 - k_ndim
-    n_in, n_out = a_ndim - 1 - lead, b_ndim - 1 - lead
     ks = tuple(kernel_spec) + (None,) * (k_ndim - len(tuple(kernel_spec)))
-    if lead < 0 or n_in < 1 or n_out < 1 or k_ndim - lead not in (n_in + n_out, 2):
-        raise ValueError(f"{where}: LoRA shapes of rank {a_ndim} (lora_a) and {b_ndim} (lora_b) do not "
-                         f"factor a rank-{k_ndim} kernel as (lead..., in..., out...)")
+    if shapes is None:
+        lead, n_in, n_out = k_ndim - 2, 1, 1
+    else:
+        layout = None
+        if lead is not None:
+            layout = variant.layout(shapes, n_lead=lead)
+        else:  # the most stacked axes that fit the kernel, as is or flattened
+            for k in reversed(range(k_ndim + 1)):
+                found = variant.layout(shapes, n_lead=k)
+                if found is not None and k_ndim - k in (len(found.in_shape) + len(found.out_shape), 2):
+                    layout, lead = found, k
+                    break
+        n_in, n_out = (len(layout.in_shape), len(layout.out_shape)) if layout is not None else (0, 0)
+        if layout is None or n_in < 1 or n_out < 1 or k_ndim - lead not in (n_in + n_out, 2):
+            raise ValueError(f"{where}: {variant.name} adapter shapes "
+                             f"{', '.join(f'{k}={tuple(v)}' for k, v in shapes.items())} do not factor a "
+                             f"rank-{k_ndim} kernel as (lead..., in..., out...)")
     if k_ndim - lead == n_in + n_out:
         ins, outs = ks[lead:lead + n_in], ks[lead + n_in:]
     else:  # flattened kernel
         ins = (ks[lead],) + (None,) * (n_in - 1)
         outs = (ks[lead + 1],) + (None,) * (n_out - 1)
-
-    def merged(entries):
-        axes = tuple(a for e in entries for a in entry_axes(e))
-        return None if not axes else (axes[0] if len(axes) == 1 else axes)
-
-    a_rank = merged(outs) if split_rank else None
-    b_rank = merged(ins) if split_rank else None
-    return as_spec(ks[:lead] + ins + (a_rank,)), as_spec(ks[:lead] + (b_rank,) + outs)
+    entries = variant().specs(ks[:lead], ins, outs, split_rank=split_rank)
+    return {name: as_spec(e) for name, e in entries.items()}
 
 
 def shape_of(x) -> tuple[int, ...] | None:
@@ -52,13 +59,15 @@ def shape_of(x) -> tuple[int, ...] | None:
 
 
 def lora_sharding(specs, params=None, *, split_rank: bool = False):
-    """Spec tree with every `lora_a` / `lora_b` spec derived from its sibling `kernel` spec.
+    """Spec tree with every adapter leaf's spec (LoRA's `lora_a` / `lora_b`, ...) derived from its
+    sibling `kernel` spec, as the adapter's variant lays it out.
 
     specs: nested dicts (a Linen params tree's layout) of PartitionSpecs over dense shapes.
     params: the matching params tree (arrays, QuantizedArrays or ShapeDtypeStructs), used to
       find which kernel axes are `in` and which are `out` for kernels of any rank: lora_a is
       `(lead..., in..., r)` and lora_b `(lead..., r, out...)` (lead: stacked-layer axes).
-      Without it, the kernel is taken as `(in, out)` with leading axes stacked.
+      Without it, the kernel is taken as `(in, out)` with leading axes stacked (and the module's
+      adapter as LoRA's pair when only one of its leaves is in specs).
     split_rank: False (default): the rank axis is replicated, so `x @ A @ B` needs no
       resharding of the adapters, but each adapter is split over only one of its kernel's mesh
       axes. True: A's rank axis is also split over the kernel's `out` mesh axes and B's over its
@@ -70,28 +79,31 @@ def lora_sharding(specs, params=None, *, split_rank: bool = False):
             return s
         out = {k: walk(v, (p or {}).get(k) if isinstance(p, Mapping) else None, f"{where}/{k}".lstrip("/"))
                for k, v in s.items()}
-        if KERNEL in s and (LORA_A in s or LORA_B in s):
+        names = [k for k in s if is_adapter_path((k,))]
+        if KERNEL in s and names:
             kspec = s[KERNEL] if s[KERNEL] is not None else PartitionSpec()
             pk = p.get(KERNEL) if isinstance(p, Mapping) else None
-            pa = p.get(LORA_A) if isinstance(p, Mapping) else None
-            pb = p.get(LORA_B) if isinstance(p, Mapping) else None
-            lead = None
-            if pk is not None and pa is not None and pb is not None:
-                k_nd, a_nd, b_nd = len(shape_of(pk) or ()), len(shape_of(pa)), len(shape_of(pb))
+            leaves = {k: p.get(k) for k in p if is_adapter_path((k,))} if isinstance(p, Mapping) else {}
+            lead, shapes = None, None
+            if pk is not None and leaves and all(v is not None for v in leaves.values()):
+                variant = variant_for(leaves, where or "params")
+                shapes = {k: shape_of(v) for k, v in leaves.items()}
+                k_nd = len(shape_of(pk) or ())
                 if is_quantized(pk):  # logical shape of one layer, plus its stacked axes
                     lead = stacked_axes(pk)
                     k_nd += lead
             else:
+                variant = _variant_of(names, where)
                 k_nd = max(len(tuple(kspec)), 2)
-                a_nd = b_nd = k_nd
-            a, b = _lora_specs(kspec, k_nd, a_nd, b_nd, where or "params", split_rank, lead)
-            if LORA_A in s:
-                out[LORA_A] = a
-            if LORA_B in s:
-                out[LORA_B] = b
+            derived = _adapter_specs(variant, kspec, k_nd, shapes, where or "params", split_rank, lead)
+            out.update({k: derived[k] for k in names if k in derived})
         return type(s)(out) if not isinstance(s, dict) else out
 
     return walk(specs, params, "")
 
 
-# ----------------------------------------------------------------------------- trees
+def _variant_of(names, where: str):
+    """The variant of a module whose spec tree names `names` (all of one variant's leaves or, LoRA's
+    convention, part of them: the registered variant with the fewest leaves holding them)."""
+    fits = sorted((cls for cls in variants() if set(names) <= set(cls.axes)), key=lambda cls: len(cls.axes))
+    return fits[0] if fits else variant_for(names, where or "params")

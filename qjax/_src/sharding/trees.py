@@ -143,19 +143,34 @@ def with_sharding_constraint(tree, mesh, spec):
 
 
 def optimizer_sharding(optimizer, params, shardings, mesh=None):
-    """Shardings for `optimizer.init(params)`: every copy of the params tree in the state
-    (adam's mu and nu, ...) sharded like the params, other fields (step counts) replicated.
+    """Shardings for `optimizer.init(params)`: every copy of a params leaf in the state (adam's mu
+    and nu, ...) sharded like that leaf, other fields (step counts) replicated.
 
-    optimizer: an optax GradientTransformation. params: the (trainable) params tree, arrays
-    or ShapeDtypeStructs. shardings: their shardings (e.g. from `params_sharding`).
+    optimizer: an optax GradientTransformation (`qjax.optim.adapters_only` included, whose state
+    is keyed by "/"-joined paths). params: the (trainable) params tree, arrays or
+    ShapeDtypeStructs. shardings: their shardings (e.g. from `params_sharding`).
+    A state leaf is a copy of the params leaf whose key path ends its own (or whose path string
+    is its last key) with the same shape.
     Use as `jax.jit(optimizer.init, out_shardings=optimizer_sharding(...))(params)`: a plain
     jitted init leaves its zeros on one device.
     """
-    import optax
+    from qjax._src.paths import path_keys
 
     if mesh is None:
         mesh = next(s.mesh for s in jax.tree_util.tree_leaves(shardings) if isinstance(s, NamedSharding))
     abstract = jax.eval_shape(optimizer.init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(optimizer, lambda _, s: s, abstract, shardings,
-                                 transform_non_params=lambda _: replicated)
+    sh_leaves = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
+    shapes = {path_keys(p): shape_of(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    by_path = {path_keys(p): (shapes.get(path_keys(p)), s) for p, s in sh_leaves}
+    by_str = {"/".join(map(str, k)): v for k, v in by_path.items()}
+
+    def one(path, leaf):
+        keys = path_keys(path)
+        hits = [by_path.get(keys[i:]) for i in range(len(keys))] + [by_str.get(str(keys[-1])) if keys else None]
+        for hit in hits:
+            if hit is not None and hit[0] == shape_of(leaf):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
