@@ -41,6 +41,7 @@ def _measure(n_devices: int, layers: int, batch: int, seq: int, r: int, gather: 
     from jax.sharding import PartitionSpec as P
 
     import qjax
+    import qjax.sharding
 
     cfg = dict(LLAMA_7B, layers=layers)
     d, heads, L = cfg["d"], cfg["heads"], cfg["layers"]
@@ -62,7 +63,7 @@ def _measure(n_devices: int, layers: int, batch: int, seq: int, r: int, gather: 
                         "lora_a": jax.ShapeDtypeStruct((L, k_in, r), jnp.float32),
                         "lora_b": jax.ShapeDtypeStruct((L, r, k_out), jnp.float32)}
         specs[name] = {"kernel": P(None, *spec), "lora_a": None, "lora_b": None}  # adapters derived
-    shardings = qjax.params_sharding(layers, mesh, specs, lora="split_rank" if split_rank else True)
+    shardings = qjax.sharding.params_sharding(layers, mesh, specs, lora="split_rank" if split_rank else True)
     placed = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), layers, shardings)
     frozen_layers = {n: v["kernel"] for n, v in placed.items()}
     lora_layers = {n: {"lora_a": v["lora_a"], "lora_b": v["lora_b"]} for n, v in placed.items()}
@@ -77,7 +78,7 @@ def _measure(n_devices: int, layers: int, batch: int, seq: int, r: int, gather: 
     opt = optax.adam(1e-4)
     lora_sh = jax.tree.map(lambda s: s.sharding, lora)
     opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                             jax.eval_shape(opt.init, lora), qjax.optimizer_sharding(opt, lora, lora_sh, mesh))
+                             jax.eval_shape(opt.init, lora), qjax.sharding.optimizer_sharding(opt, lora, lora_sh, mesh))
     scale = 2.0  # alpha / r
     act = NamedSharding(mesh, P("data"))
 
@@ -90,7 +91,7 @@ def _measure(n_devices: int, layers: int, batch: int, seq: int, r: int, gather: 
         w = fl[name]
         if gather == "codes":  # FSDP: gather the packed codes over `data` here, then dequantize locally
             tp = tuple(e if e == "model" else None for e in PROJ[name][2])
-            w = qjax.with_sharding_constraint(w, mesh, P(*tp))
+            w = qjax.sharding.with_sharding_constraint(w, mesh, P(*tp))
         base = qjax.qmatmul(x, w, compute_dtype=jnp.bfloat16)
         a, b = ll[name]["lora_a"].astype(jnp.bfloat16), ll[name]["lora_b"].astype(jnp.bfloat16)
         return base + ((x @ a) @ b) * jnp.bfloat16(scale)

@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qjax  # noqa: E402
+import qjax.sharding  # noqa: E402
 
 
 def init_dense(key, d, layers=2):
@@ -64,7 +65,7 @@ def forward(lora, frozen, x, mesh, layers=2):
     def dense(h, name):
         p = {**frozen[name], **lora[name]}
         # gather the 4-bit codes here (not the dequantized weight XLA would otherwise pick)
-        kernel = qjax.with_sharding_constraint(p["kernel"], mesh, COMPUTE[name.split("_")[1]])
+        kernel = qjax.sharding.with_sharding_constraint(p["kernel"], mesh, COMPUTE[name.split("_")[1]])
         return qjax.qmatmul(h, kernel) + (h @ p["lora_a"]) @ p["lora_b"] * 2.0
 
     h = x
@@ -99,16 +100,16 @@ def main():
     key = jax.random.key(0)
     init = lambda k: init_dense(k, ARGS.d)
     abstract = jax.eval_shape(init, key)
-    dense = jax.jit(init, out_shardings=qjax.params_sharding(abstract, mesh, rule))(key)
+    dense = jax.jit(init, out_shardings=qjax.sharding.params_sharding(abstract, mesh, rule))(key)
     config = qjax.QuantConfig(format="nf4", blocksize=64, double_quant=True, target="*kernel")
-    params = qjax.quantize_params_sharded(dense, mesh, rule, config)
-    params = qjax.shard_params(params, mesh, rule)  # adapters now follow their kernels
+    params = qjax.sharding.quantize_params_sharded(dense, mesh, rule, config)
+    params = qjax.sharding.shard_params(params, mesh, rule)  # adapters now follow their kernels
     del dense
 
     lora, frozen = split(params)
     opt = optax.adam(1e-2)
     lora_sh = jax.tree.map(lambda a: a.sharding, lora)
-    opt_state = jax.jit(opt.init, out_shardings=qjax.optimizer_sharding(opt, lora, lora_sh))(lora)
+    opt_state = jax.jit(opt.init, out_shardings=qjax.sharding.optimizer_sharding(opt, lora, lora_sh))(lora)
 
     rng = np.random.default_rng(0)
     batch = 8 * (n // model)
