@@ -96,20 +96,11 @@ def test_register_variant_checks():
     with pytest.raises(TypeError, match="AdapterVariant subclass"):
         qjax.register_variant(int)
 
-    @dataclasses.dataclass(frozen=True)
-    class Clash(qjax.LoRA):
-        name = "lora"
-
-    with pytest.raises(ValueError, match="name 'lora' is taken"):
-        qjax.register_variant(Clash)
-
-    @dataclasses.dataclass(frozen=True)
-    class Frozen(qjax.LoRA):
-        name = "frozen_b"
-        trainable = ("lora_a",)
-
-    with pytest.raises(ValueError, match="disagree on whether leaf 'lora_b' trains"):
-        qjax.register_variant(Frozen)
+    for attrs, match in (({"name": "lora"}, "name 'lora' is taken"),
+                         ({"name": "frozen_b", "trainable": ("lora_a",)}, "disagree on whether leaf 'lora_b' trains")):
+        bad = dataclasses.dataclass(frozen=True)(type("Bad", (qjax.LoRA,), attrs))
+        with pytest.raises(ValueError, match=match):
+            qjax.register_variant(bad)
 
     @dataclasses.dataclass(frozen=True)
     class Unregistered(qjax.LoRA):

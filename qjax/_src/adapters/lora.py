@@ -19,14 +19,10 @@ import numpy as np
 
 from qjax._src.errors import describe, float_dtype
 from qjax._src.core.qarray import is_quantized
-from qjax._src.matmul.base import EinsumPlan, base_matmul, dense_kernel, vmap_lead
+from qjax._src.matmul.base import EinsumPlan, base_matmul, dense_kernel, size_of, vmap_lead
 from qjax._src.adapters.variant import LoRA
 
 _LORA = LoRA()
-
-
-def _prod(shape) -> int:
-    return int(np.prod(tuple(shape), dtype=np.int64))
 
 
 def _pair(lora_a, lora_b) -> dict | None:
@@ -35,7 +31,7 @@ def _pair(lora_a, lora_b) -> dict | None:
 
 def check_rank(r: int, in_shape: Sequence[int], out_shape: Sequence[int], where: str) -> None:
     """Raises ValueError unless 1 <= r <= min(prod(in_shape), prod(out_shape))."""
-    k, n = _prod(in_shape), _prod(out_shape)
+    k, n = size_of(in_shape), size_of(out_shape)
     if not 1 <= r <= min(k, n):
         raise ValueError(f"{where}: LoRA rank r={r} must be in [1, min(in={k}, out={n})={min(k, n)}] "
                          f"for a layer of in_shape={tuple(in_shape)} out_shape={tuple(out_shape)}; "
@@ -55,7 +51,7 @@ def check_params(where: str, kernel, params: Mapping[str, Any] | None, *, lora_c
     in_shape, out_shape, stack = tuple(in_shape), tuple(out_shape), tuple(stack)
     problems = []
     if is_quantized(kernel):
-        want = (_prod(in_shape), _prod(out_shape))
+        want = (size_of(in_shape), size_of(out_shape))
         if tuple(kernel.shape) != want or tuple(kernel.stack_shape) != stack:
             problems.append(f"kernel is a QuantizedArray of shape {tuple(kernel.shape)} stacked "
                             f"{tuple(kernel.stack_shape)}, expected shape {want} stacked {stack}")

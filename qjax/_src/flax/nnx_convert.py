@@ -12,13 +12,10 @@ from qjax._src.adapters.config import LoraConfig, check_configs
 from qjax._src.core.policy import QuantConfig
 from qjax._src.errors import describe
 from qjax._src.flax import planner as P
+from qjax._src.paths import path_str
 from qjax._src.flax.nnx_layers import BaseParam, QLoRAEinsum, QLoRALinear, QLoRALinearGeneral, QLoRABase, einsum_plan
 
 _LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
-
-
-def _path(parts) -> str:
-    return "/".join(str(p) for p in parts)
 
 
 def _find(model, types) -> list[tuple[tuple, Any]]:
@@ -37,7 +34,7 @@ def _replace(model, parts, new) -> None:
     if isinstance(parent, (list, dict, nnx.List, nnx.Dict)):
         parent[key] = new
     elif isinstance(parent, tuple):
-        raise TypeError(f"{_path(parts)} sits in a tuple, which cannot be updated in place; use a list")
+        raise TypeError(f"{path_str(parts)} sits in a tuple, which cannot be updated in place; use a list")
     else:
         setattr(parent, key, new)
 
@@ -46,7 +43,7 @@ def _check_not_converted(model) -> None:
     nodes = list(nnx.iter_graph(model))
     hits = [p for p, n in nodes if isinstance(n, QLoRABase)] or [p for p, n in nodes if isinstance(n, BaseParam)]
     if hits:
-        raise ValueError(f"{_path(hits[0]) or '<root>'} is already a qjax QLoRA layer: the model is "
+        raise ValueError(f"{path_str(hits[0]) or '<root>'} is already a qjax QLoRA layer: the model is "
                          "already converted (qjax.nnx.merge gives back plain layers)")
 
 
@@ -86,7 +83,7 @@ class _NnxFinder:
     def candidates(self) -> list[P.Candidate]:
         out = []
         for parts, m in _find(self.model, _LINEAR_TYPES):
-            path = _path(parts)
+            path = path_str(parts)
             try:
                 layout, why = _layout(m, path), ""
             except ValueError as e:
@@ -165,7 +162,7 @@ def merge(model, dtype=None, *, requantize: QuantConfig | None = None):
         layout = P.KernelLayout(m.in_shape, m.out_shape, m.lead, m.batch, m.einsum_str if einsum else None)
         names = m.lora_config.variant.leaves() if m.lora_config is not None else ()
         adapters = {name: getattr(m, name).get_value() for name in names if getattr(m, name, None) is not None}
-        w = P.merged_kernel(_path(parts), layout, m.kernel.get_value(), adapters, m.lora_config, dtype)
+        w = P.merged_kernel(path_str(parts), layout, m.kernel.get_value(), adapters, m.lora_config, dtype)
         bias = m.bias.get_value() if m.bias is not None else None
         general = isinstance(m, QLoRALinearGeneral)
         if einsum:
@@ -186,6 +183,6 @@ def merge(model, dtype=None, *, requantize: QuantConfig | None = None):
         if bias is not None:
             new.bias = nnx.Param(bias)
         if requantize is not None:
-            new = _qlora_class(new)(new, None, requantize, rngs=nnx.Rngs(0), backend=m.backend, where=_path(parts))
+            new = _qlora_class(new)(new, None, requantize, rngs=nnx.Rngs(0), backend=m.backend, where=path_str(parts))
         _replace(model, parts, new)
     return model

@@ -55,10 +55,6 @@ def _comparable(config: LoraConfig) -> dict:
     return {k: v for k, v in config_to_json(config).items() if k in _CHECKED_FIELDS}
 
 
-def _name(path) -> str:
-    return "/".join(map(str, path))
-
-
 def save_adapters(path, variables_or_model, lora_config: LoraConfig, *, force: bool = False,
                   custom_metadata: dict | None = None, allow_nonfinite: bool = False) -> None:
     """Saves only the adapters (every adapter variant's leaf: LoRA's `lora_a` / `lora_b`) and the LoraConfig.
@@ -171,8 +167,8 @@ def load_adapters(path, variables_or_model, lora_config: LoraConfig | None = Non
     norm = lambda p: tuple(map(str, p))  # noqa: E731
     model_n = {norm(p): p for p in model}
     saved_n = {norm(p): p for p in saved}
-    problems = [f"{_name(p)} is in the model but not in the checkpoint" for p in sorted(set(model_n) - set(saved_n))]
-    problems += [f"{_name(p)} is in the checkpoint but not in the model" for p in sorted(set(saved_n) - set(model_n))]
+    problems = [f"{paths.path_str(p)} is in the model but not in the checkpoint" for p in sorted(set(model_n) - set(saved_n))]
+    problems += [f"{paths.path_str(p)} is in the checkpoint but not in the model" for p in sorted(set(saved_n) - set(model_n))]
     ranks = _rank_axes(model)
     for p in sorted(set(model_n) & set(saved_n)):
         s, m = tuple(saved[saved_n[p]]["shape"]), tuple(np.shape(model[model_n[p]]))
@@ -180,7 +176,7 @@ def load_adapters(path, variables_or_model, lora_config: LoraConfig | None = Non
             i = ranks.get(model_n[p])
             rank = (f" (LoRA rank r={s[i]} in the checkpoint, r={m[i]} in the model)" if i is not None and
                     len(s) == len(m) and s[:i] + s[i + 1:] == m[:i] + m[i + 1:] else "")
-            problems.append(f"{_name(p)}: checkpoint shape={s}, model shape={m}{rank}")
+            problems.append(f"{paths.path_str(p)}: checkpoint shape={s}, model shape={m}{rank}")
     if not problems:
         from qjax._src.io.peft import scaling_problems  # the same check as PEFT files get
         problems = scaling_problems(saved_config, variables_or_model, lora_config, "checkpoint")

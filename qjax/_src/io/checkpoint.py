@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax._src.paths import json_key, lookup, path_keys, set_in
+from qjax._src.paths import json_key, lookup, path_keys, path_str, set_in
 from qjax._src.io import files as files
 from qjax._src.core.family import QuantizedBase, family, is_quantized
 from qjax._src.core.qarray import QuantizedArray
@@ -83,10 +83,6 @@ def tree_metadata(tree, *, checksums: bool = False) -> dict:
 # ----------------------------------------------------------------------------- validation
 
 
-def _name(p) -> str:
-    return "/".join(map(str, path_keys(p)))
-
-
 def _unsavable(x) -> str | None:
     """Why orbax cannot save leaf `x`, or None when it can."""
     if isinstance(x, (bool, int, float)):
@@ -110,7 +106,7 @@ def check_tree(tree, what: str = "tree") -> None:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not leaves:
         raise ValueError(f"{what} has no arrays to save (an empty tree): orbax cannot write it")
-    bad = [f"{named(_name(p), x)}: {why}" for p, x in leaves if (why := _unsavable(x)) is not None]
+    bad = [f"{named(path_str(p), x)}: {why}" for p, x in leaves if (why := _unsavable(x)) is not None]
     if bad:
         raise TypeError(f"{what} cannot be saved: " + "; ".join(bad[:10])
                         + (f"; ... and {len(bad) - 10} more" if len(bad) > 10 else "")
@@ -123,7 +119,7 @@ def check_finite(tree, what: str) -> None:
               for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
     floats = [(p, x) for p, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
     counts = jax.device_get([jnp.count_nonzero(~jnp.isfinite(x)) for _, x in floats])  # one sync for all
-    bad = [f"{named(_name(p), x)} has {int(n)} non-finite value(s) (NaN or inf) of {x.size}"
+    bad = [f"{named(path_str(p), x)} has {int(n)} non-finite value(s) (NaN or inf) of {x.size}"
            for (p, x), n in zip(floats, counts) if n]
     if bad:
         raise ValueError(f"{what} hold non-finite values (did the loss diverge?): " + "; ".join(bad)

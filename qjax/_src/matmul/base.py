@@ -24,7 +24,8 @@ from qjax._src.core.qarray import QuantizedArray
 from qjax._src.matmul.qmatmul import explicit_leaf_sharding, qmatmul
 from qjax._src.matmul.sharded import qmatmul_sharded
 
-def _prod(shape: Sequence[int]) -> int:
+def size_of(shape: Sequence[int]) -> int:
+    """The number of elements of an array of `shape` (1 for ())."""
     return int(math.prod(shape))
 
 
@@ -41,7 +42,7 @@ def quantize_kernel(kernel, n_in: int, quant_config, lead: int = 0) -> Quantized
     """
     shape = tuple(kernel.shape)
     in_shape, out_shape = shape[lead:lead + n_in], shape[lead + n_in:]
-    flat = jnp.reshape(kernel, shape[:lead] + (_prod(in_shape), _prod(out_shape)))
+    flat = jnp.reshape(kernel, shape[:lead] + (size_of(in_shape), size_of(out_shape)))
     if lead == 0:
         return quant_config.quantize(flat)
     # The NaN/Inf check of `quantize` cannot run on traced slices; do it once on the whole kernel.
@@ -81,13 +82,13 @@ def base_matmul(x, kernel, *, n_in: int, out_shape: Sequence[int], compute_dtype
     batch = x.shape[:x.ndim - n_in]
     if int8_threshold is not None and is_quantized(kernel):
         from qjax._src.matmul.int8 import int8_matmul
-        x2 = jnp.reshape(x, batch + (_prod(x.shape[x.ndim - n_in:]),)).astype(compute_dtype)
+        x2 = jnp.reshape(x, batch + (size_of(x.shape[x.ndim - n_in:]),)).astype(compute_dtype)
         y = int8_matmul(x2, kernel, threshold=int8_threshold)
         return jnp.reshape(y.astype(compute_dtype), batch + tuple(out_shape))
     if backend == "pallas_interpret":  # the Pallas kernels emulated on any backend (tests, CPU)
         backend, interpret = "pallas", True
     if is_quantized(kernel):
-        x2 = jnp.reshape(x, batch + (_prod(x.shape[x.ndim - n_in:]),))
+        x2 = jnp.reshape(x, batch + (size_of(x.shape[x.ndim - n_in:]),))
         kw = dict(compute_dtype=compute_dtype, backend=backend, interpret=interpret, precision=precision)
         if explicit_leaf_sharding(kernel)[1] is not None:  # Explicit mesh axes: per shard, shard_map
             y = qmatmul_sharded(x2, kernel, **kw)
