@@ -172,8 +172,10 @@ def finetune(config: LlamaConfig, params16, tokenizer, args, log=print) -> dict:
 
     quant_config = qjax.QuantConfig(format="nf4", blocksize=64, double_quant=True, compute_dtype=compute)
     lora_config = qjax.LoraConfig(r=args.r, alpha=args.alpha, target_modules="all-linear")
+    # inputs=: one abstract forward pass finds every param the matmuls read (the tied embedding is also
+    # gathered, so it stays dense: convert lists it in a ConversionWarning, as it lists anything it leaves)
     qmodel, qvars = qjax.linen.convert(model, {"params": params16}, lora_config, quant_config,
-                                       jax.random.key(args.seed))
+                                       jax.random.key(args.seed), inputs=(jnp.asarray(train[:1]),))
     adapters, rest = split_adapters(qvars["params"])
     n_adapter = sum(x.size for x in jax.tree_util.tree_leaves(adapters))
     fp16 = qjax.memory_footprint(params16)

@@ -19,17 +19,19 @@ from qjax._src.sharding.trees import (optimizer_sharding, params_sharding, quant
                                       with_sharding_constraint)
 from qjax._src.core.quantize import dequantize, dequantize_blockwise, quantize, quantize_blockwise
 from qjax._src.core.rules import QuantRules, first_blocks
+from qjax._src.errors import ConversionWarning
+from qjax._src.flax.routing import RoutedWeight
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterVariant", "Axis", "LoRA", "register_variant",
-    "BLOCKSIZES", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantRules",
+    "BLOCKSIZES", "ConversionWarning", "DEFAULT_SKIP", "FORMATS", "Footprint", "LoraConfig", "QuantConfig", "QuantRules",
     "QuantizedArray", "QuantizedBase", "checkpoint", "dequantize", "dequantize_blockwise", "dequantize_params",
     "first_blocks", "int8_matmul", "interop", "is_quantized", "linen", "loftq", "loftq_init", "lora_sharding",
     "memory_footprint", "nnx", "optim", "optimizer_sharding", "params_sharding", "prepare_for_kbit_training",
     "qmatmul", "qmatmul_sharded", "quantize", "quantize_blockwise", "quantize_params",
-    "quantize_params_sharded", "quantized_sharding", "register_family", "shard_params", "sharding", "static_field",
+    "quantize_params_sharded", "quantized_sharding", "register_family", "RoutedWeight", "shard_params", "sharding", "static_field",
     "upcast_half_params",
     "with_sharding_constraint",
 ]

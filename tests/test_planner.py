@@ -108,7 +108,7 @@ def test_linen_and_nnx_select_the_same_layers(case):
 
 
 def test_patterns_of_both_forms_in_one_policy_raise():
-    paths = sorted(ALL)
+    paths = {p: f"{p}/kernel" for p in sorted(ALL)}
     assert kernel_paths(qjax.QuantConfig(), paths) == {p: f"{p}/kernel" for p in paths}
     assert kernel_paths(qjax.QuantConfig(target="params/*"), paths) == {p: f"params/{p}/kernel" for p in paths}
     mixed = qjax.QuantConfig(skip=("params/layers_0/*",), target=("re:^layers",))

@@ -36,5 +36,9 @@ def named(path, x) -> str:
     return f"{path!r} ({describe(x)})"
 
 
+class ConversionWarning(UserWarning):
+    """`convert` left parameters that feed a matmul untouched (listed with path, shape, dtype and why)."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, corrupted or does not fit the target."""

@@ -93,6 +93,9 @@ class QuantConfig:
                             f"got {type(threshold).__name__}")
         if not threshold >= 0:
             raise ValueError(f"QuantConfig.llm_int8_threshold must be >= 0, got {threshold!r}")
+        if self.double_quant and self.is_llm_int8:
+            raise ValueError(f"QuantConfig(format={self.format!r}, blocksize=None) is LLM.int8 (per-channel int8 for "
+                             "int8_matmul), which has no double quantization: pass double_quant=False")
         object.__setattr__(self, "target", as_patterns(self.target, "QuantConfig.target"))
         object.__setattr__(self, "skip", as_patterns(self.skip, "QuantConfig.skip") or ())
 

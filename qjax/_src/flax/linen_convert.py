@@ -18,8 +18,10 @@ from qjax._src.adapters.config import LoraConfig, check_configs
 from qjax._src.adapters.tree import is_adapter_path
 from qjax._src.core.policy import QuantConfig
 from qjax._src.core.qarray import is_quantized
-from qjax._src.errors import describe, named
+from qjax._src.errors import ConversionWarning, describe, named
+from qjax._src.flax import linen_params as LP
 from qjax._src.flax import planner as P
+from qjax._src.flax import routing as R
 from qjax._src.flax.linen_layers import (LayerSpec, dense_call, dense_general_batched_call, einsum_module_call, as_tuple,
                                          dense_general_plan, einsum_plan)
 from qjax._src.paths import path_keys, path_str
@@ -33,6 +35,7 @@ class ConversionSpec:
     lora_config: LoraConfig | None
     quant_config: Any  # QuantConfig, a per-path policy (QuantRules) or None; layers hold their own choice
     backend: str = "auto"
+    params: tuple[LP.ParamRoute, ...] = ()  # the params converted where they are (linen_params)
 
     def layer(self, path: str) -> LayerSpec | None:
         return self._by_path.get(path)
@@ -40,6 +43,10 @@ class ConversionSpec:
     @property
     def _by_path(self) -> dict[str, LayerSpec]:
         return {layer.path: layer for layer in self.layers}
+
+    @property
+    def routes(self) -> dict[str, LP.ParamRoute]:
+        return {r.path: r for r in self.params}
 
 
 # ----------------------------------------------------------------------------- interception
@@ -109,7 +116,7 @@ def _wrap_method(cls, name: str):
             return original(self, *args, **kwargs)
         stack.append(key)
         try:
-            with nn.intercept_methods(_make_interceptor(spec, root)):
+            with nn.intercept_methods(_make_interceptor(spec, root)), LP.active(root, spec.routes):
                 return original(self, *args, **kwargs)
         finally:
             stack.pop()
@@ -242,7 +249,48 @@ class _LinenFinder:
         self.model_name = type(model).__name__
 
     def candidates(self) -> list[P.Candidate]:
-        return self._traced() if self.inputs is not None else self._from_params()
+        if not hasattr(self, "_found"):
+            self._unconvertible: list[P.LeftDense] = []
+            self._found = self._traced() if self.inputs is not None else self._from_params()
+        return list(self._found)
+
+    def unconvertible(self) -> list[P.LeftDense]:
+        self.candidates()
+        return list(self._unconvertible)
+
+    def _other_params(self, layers: list[P.Candidate]) -> list[tuple[str, Any]]:
+        """(path, value) of the float params of rank >= 2 that are not the kernel of a found layer."""
+        kernels = {f"{c.path}/kernel" if c.path else "kernel" for c in layers}
+        out = []
+        for path, leaf in jax.tree_util.tree_flatten_with_path(self.params, is_leaf=is_quantized)[0]:
+            name = path_str(path)
+            if name not in kernels and not is_quantized(leaf) and jnp.ndim(leaf) >= 2 \
+                    and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+                out.append((name, leaf))
+        return out
+
+    def _routed(self, layers: list[P.Candidate], seen) -> list[P.Candidate]:
+        """The params outside `layers` that only matmuls read (Probes of the traced pass), as candidates."""
+        others = self._other_params(layers)
+        found = seen([name for name, _ in others])
+        per_module = {}
+        for name, _ in others:
+            if found[name].read_by_matmul:
+                module = name.rpartition("/")[0]
+                per_module[module] = per_module.get(module, 0) + 1
+        out = []
+        for name, leaf in others:
+            f = found[name]
+            if f.roles is None:
+                if f.read_by_matmul:
+                    self._unconvertible.append(P.LeftDense(name, tuple(leaf.shape), leaf.dtype, f.why))
+                continue
+            roles = (R.LEAD,) * (jnp.ndim(leaf) - len(f.roles)) + f.roles
+            module = name.rpartition("/")[0]
+            single = per_module.get(module) == 1 and module != ""
+            out.append(P.Candidate(module if single else name, f"params/{name}", leaf, R.layout_of(leaf.shape, roles),
+                                   handle=(name, single, roles), kernel_path=name))
+        return out
 
     def _kernel(self, rel: str):
         return _get(self.params, rel.split("/") + ["kernel"]) if rel else self.params["kernel"]
@@ -296,11 +344,17 @@ class _LinenFinder:
 
         args = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
         rngs = {"dropout": jax.random.key(0), "params": jax.random.key(0)}
-        with nn.intercept_methods(record):
-            jax.eval_shape(lambda v: self.model.apply(v, *args, method=self.method, mutable=True, rngs=rngs),
-                           self.variables)
-        return ([self._candidate(rel, layout) for rel, layout in found.items()]
-                + [self._candidate(rel, None, why) for rel, why in unsupported.items() if rel not in found])
+        with R.recording() as seen, LP.active((), None), nn.intercept_methods(record):
+            try:
+                jax.eval_shape(lambda v: self.model.apply(v, *args, method=self.method, mutable=True, rngs=rngs),
+                               self.variables)
+            except (TypeError, ValueError) as e:
+                if "Probe" not in str(e):
+                    raise
+                raise R.trace_failed(self.model_name, e) from e
+            layers = ([self._candidate(rel, layout) for rel, layout in found.items()]
+                      + [self._candidate(rel, None, why) for rel, why in unsupported.items() if rel not in found])
+            return layers + self._routed(layers, seen)
 
     def _from_params(self) -> list[P.Candidate]:
         """Every rank-2 kernel of the params tree as an (in, out) Dense; warns (or, with explicit LoRA
@@ -318,6 +372,10 @@ class _LinenFinder:
             if self.explicit:
                 raise ValueError("cannot tell the in/out axes of " + msg)
             warnings.warn("not converted: " + msg, stacklevel=5)  # convert's caller (via planner.plan)
+        for name, leaf in self._other_params(found):
+            if name.rpartition("/")[2] != "kernel":  # kernels of rank != 2 were warned about above
+                self._unconvertible.append(P.LeftDense(name, tuple(leaf.shape), leaf.dtype, (
+                    "not traced; pass inputs= to qjax.linen.convert so it can find the matmuls that read it")))
         return found
 
 
@@ -337,8 +395,23 @@ def _layout(layer: LayerSpec) -> P.KernelLayout:
 
 def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraConfig(),
             quant_config: QuantConfig | None = QuantConfig(), rng=None, *, inputs=None, method=None,
-            backend: str = "auto"):
-    """Turns a Linen model built from nn.Dense / nn.DenseGeneral / nn.Einsum layers into its QLoRA version.
+            strict: bool = False, backend: str = "auto"):
+    """Turns a Linen model into its QLoRA version: its nn.Dense / nn.DenseGeneral / nn.Einsum layers and
+    (traced with `inputs`) every other param its matmuls read.
+
+    Params of other modules (a model's own Einsum / DenseGeneral classes, per-expert weights): with
+    `inputs`, every float param of rank >= 2 outside the Flax layers that the model reads with
+    `self.param` only for matmuls (`jnp.einsum`, `@`, `jnp.dot`, `jnp.matmul`, `jnp.tensordot`,
+    `lax.dot_general`, after `astype` / `jnp.asarray` / transposes / integer indexing of per-expert
+    axes) is converted where it is: `params/<module>/<name>` becomes the quantized base, the adapters
+    sit beside it (`<module>/lora_a`, or `<module>/<name>_lora/lora_a` when the module holds several
+    such params), and while the converted model runs, `self.param` returns a `RoutedWeight` whose
+    matmuls compute base + adapter delta. Such a param is selected by its module's path (PEFT names
+    such as "q_proj" match it) or, when its module holds several, by its own; QuantConfig patterns
+    see its own path ("…/q_proj/w"). Never silent: every param that feeds a matmul and is left
+    untouched (not selected, too small, also read by another operation, or not traced without
+    inputs) is listed with path, shape, dtype and why in a `qjax.ConversionWarning`, or raised as
+    ValueError with strict=True.
 
     model: the original (unbound) module. variables: its variables ({"params": ...}).
     lora_config: which layers get adapters (None: none, quantization only); its target_modules /
@@ -381,20 +454,52 @@ def convert(model: nn.Module, variables, lora_config: LoraConfig | None = LoraCo
     if inputs is not None:
         _check_fits(model, params, inputs, method)
     explicit = lora_config is not None and lora_config.target_modules != "all-linear"
-    planned = P.plan(_LinenFinder(model, variables, inputs, method, explicit), lora_config, quant_config)
+    finder = _LinenFinder(model, variables, inputs, method, explicit)
+    planned = P.plan(finder, lora_config, quant_config)
+    left = P.left_dense(finder, planned, lora_config, quant_config)
+    if left and strict:
+        raise ValueError(_left_message(model, left))
     if any(p.lora for p in planned) and rng is None:
         raise ValueError("convert needs rng (a jax key) to initialize the LoRA adapters")
     if rng is not None and not _is_key(rng):
         raise TypeError(f"rng must be a jax key such as jax.random.key(0), got {describe(rng)}")
     keys = jax.random.split(rng, len(planned)) if rng is not None else [None] * len(planned)
+    layers, routed, routed_keys = [], [], []
     for p, key in zip(planned, keys):
+        if isinstance(p.candidate.handle, tuple):
+            routed.append(p)
+            routed_keys.append(key)
+            continue
+        layers.append(p)
         base, adapters = P.adapter_params(p.candidate.where, p.layout, p.candidate.kernel,
                                           lora_config if p.lora else None, p.quant_config, key)
         where = p.path.split("/")
         for name, value in {"kernel": base, **adapters}.items():
             _set(params, where + [name], value)
-    conv = ConversionSpec(tuple(_layer_spec(p) for p in planned), lora_config, quant_config, backend)
-    return _instantiate(_converted_class(type(model), conv), model), variables
+    routes = LP.convert(params, routed, lora_config, routed_keys, backend)
+    conv = ConversionSpec(tuple(_layer_spec(p) for p in layers), lora_config, quant_config, backend, routes)
+    qmodel = _instantiate(_converted_class(type(model), conv), model)
+    if routes:
+        _verify(qmodel, variables, inputs, method)
+    if left:
+        warnings.warn(ConversionWarning(_left_message(model, left)), stacklevel=2)
+    return qmodel, variables
+
+
+def _left_message(model, left) -> str:
+    return (f"qjax.linen.convert left {len(left)} param(s) of {type(model).__name__} that feed a matmul untouched "
+            "(no adapters, no quantized base):\n  " + "\n  ".join(map(str, left)))
+
+
+def _verify(model, variables, inputs, method) -> None:
+    """One abstract pass of the converted model: every routed param is read as it was traced."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    rngs = {"dropout": jax.random.key(0), "params": jax.random.key(0)}
+    try:
+        jax.eval_shape(lambda v: model.apply(v, *args, method=method, mutable=True, rngs=rngs), variables)
+    except Exception as e:
+        raise ValueError(f"the converted {type(model).__name__} fails on the inputs it was traced with: "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def merge(qlora_model: nn.Module, qlora_variables, dtype=None, *, requantize: QuantConfig | None = None):
@@ -420,6 +525,7 @@ def merge(qlora_model: nn.Module, qlora_variables, dtype=None, *, requantize: Qu
         names = lora_config.variant.leaves() if lora_config is not None else ()
         adapters = {name: node.pop(name) for name in names if name in node}
         node["kernel"] = P.merged_kernel(f"params/{layer.path}", _layout(layer), kernel, adapters, lora_config, dtype)
+    routes = LP.merge(params, spec.params, dtype, requantize)
     base_cls = type(qlora_model)._qjax_base_class
     model = _instantiate(base_cls, qlora_model)
     if requantize is None:
@@ -429,5 +535,5 @@ def merge(qlora_model: nn.Module, qlora_variables, dtype=None, *, requantize: Qu
         where = layer.path.split("/") + ["kernel"]
         base, _ = P.adapter_params(f"params/{layer.path}", _layout(layer), _get(params, where), None, requantize, None)
         _set(params, where, base)
-    conv = ConversionSpec(layers, None, requantize, spec.backend)
+    conv = ConversionSpec(layers, None, requantize, spec.backend, routes)
     return _instantiate(_converted_class(base_cls, conv), model), variables

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import collections
+import warnings
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from qjax._src.adapters import lora as L
 from qjax._src.adapters.config import LoraConfig, check_configs
 from qjax._src.core.policy import QuantConfig
-from qjax._src.errors import describe
+from qjax._src.errors import ConversionWarning, describe
+from qjax._src.flax import nnx_params as NP
 from qjax._src.flax import planner as P
+from qjax._src.flax import routing as R
 from qjax._src.paths import path_str
 from qjax._src.flax.nnx_layers import BaseParam, QLoRAEinsum, QLoRALinear, QLoRALinearGeneral, QLoRABase, einsum_plan
 
@@ -41,7 +46,8 @@ def _replace(model, parts, new) -> None:
 
 def _check_not_converted(model) -> None:
     nodes = list(nnx.iter_graph(model))
-    hits = [p for p, n in nodes if isinstance(n, QLoRABase)] or [p for p, n in nodes if isinstance(n, BaseParam)]
+    hits = [p for p, n in nodes if isinstance(n, QLoRABase)] or [p for p, n in nodes if isinstance(n, BaseParam)] \
+        or [p for p, _ in NP.routed_modules(model)]
     if hits:
         raise ValueError(f"{path_str(hits[0]) or '<root>'} is already a qjax QLoRA layer: the model is "
                          "already converted (qjax.nnx.merge gives back plain layers)")
@@ -91,12 +97,71 @@ class _NnxFinder:
             out.append(P.Candidate(path, path, m.kernel.get_value(), layout, why, handle=(parts, m)))
         return out
 
+    def unconvertible(self) -> list[P.LeftDense]:
+        return []
+
+
+class _ModelFinder:
+    """The Flax linear layers (`_NnxFinder`) and, traced on `inputs`, every other float nnx.Param of rank >= 2
+    that the model's matmuls read (`nnx_params`): a parameter whose module holds no other such parameter is
+    named by the module's path ("layers/0/attn/q_proj"), else by its own ("layers/0/mlp/gate_proj")."""
+
+    layer_kinds = _NnxFinder.layer_kinds
+
+    def __init__(self, model, inputs):
+        self.model_name = type(model).__name__
+        self.layers = _NnxFinder(model).candidates()
+        skip = {id(m.kernel) for _, m in _find(model, _LINEAR_TYPES)}
+        found = NP.params(model, skip)
+        self.routed: list[P.Candidate] = []
+        self._unconvertible: list[P.LeftDense] = []
+        if inputs is None:
+            for parts, _, _ in found:
+                x = _node(model, parts).get_value()
+                self._unconvertible.append(P.LeftDense(path_str(parts), tuple(x.shape), x.dtype, (
+                    "not traced; pass inputs= to qjax.nnx.convert so it can find the matmuls that read it")))
+            return
+        seen = NP.discover(model, NP.forward_fn(inputs), found)
+        per_owner = collections.Counter(owner for parts, owner, _ in found if seen[path_str(parts)].read_by_matmul)
+        for parts, owner, rel in found:
+            path, f = path_str(parts), seen[path_str(parts)]
+            x = _node(model, parts).get_value()
+            if f.roles is None:
+                if f.read_by_matmul:
+                    self._unconvertible.append(P.LeftDense(path, tuple(x.shape), x.dtype, f.why))
+                continue
+            single = per_owner[owner] == 1 and len(owner) > 0
+            self.routed.append(P.Candidate(path_str(owner) if single else path, path, x, R.layout_of(x.shape, f.roles),
+                                           handle=(owner, rel, single, f.roles), kernel_path=path))
+
+    def candidates(self) -> list[P.Candidate]:
+        return list(self.layers) + self.routed
+
+    def unconvertible(self) -> list[P.LeftDense]:
+        return list(self._unconvertible)
+
 
 def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: QuantConfig | None = QuantConfig(),
-            rngs: nnx.Rngs | None = None, *, backend: str = "auto"):
-    """Replaces the matching nnx.Linear / nnx.LinearGeneral / nnx.Einsum submodules of `model` in place.
+            rngs: nnx.Rngs | None = None, *, inputs=None, strict: bool = False, backend: str = "auto"):
+    """QLoRA-converts `model` in place: its Flax linear layers and (with `inputs`) every other parameter its
+    matmuls read. Returns the model.
 
-    Returns the model. An nnx.Einsum's in axes are the kernel axes its equation contracts (kernel
+    inputs: example positional args for `model(*inputs)` (a tuple, or one array), or a callable f(model)
+    that runs one forward pass. With them, every float nnx.Param of rank >= 2 outside the Flax linear
+    layers is traced (abstractly, no compute): one that only matmuls read (`jnp.einsum`, `@`, `jnp.dot`,
+    `jnp.matmul`, `jnp.tensordot`, `lax.dot_general`, after `astype` / transposes / integer indexing
+    of per-expert axes) inside the methods of the module holding it is converted where it is: its
+    Variable becomes a `BaseParam` with the quantized base, its adapters `LoRAParam`s beside it
+    (`lora_a` / `lora_b` on that module, or on `<module>.<name>_lora` when the module holds several
+    such parameters), and while that module's methods run the parameter reads as a
+    `RoutedWeight` whose matmuls compute base + adapter delta. The module keeps its class (a subclass
+    that binds the parameter), attributes and methods. Such a parameter is selected by its module's
+    path ("layers/0/attn/q_proj": PEFT names like "q_proj" match it) or, when its module holds several,
+    by its own ("layers/0/mlp/gate_proj"); QuantConfig patterns see its own path ("…/q_proj/w").
+    Never silent: every parameter that feeds a matmul and is left untouched (not selected, too small,
+    also read by another operation, or not traced for lack of inputs) is listed with path, shape,
+    dtype and why in a `qjax.ConversionWarning`, or raised as ValueError with strict=True.
+ An nnx.Einsum's in axes are the kernel axes its equation contracts (kernel
     order), its out axes those it produces (output order); kernel axes shared by input and output
     (per-expert / per-head batched matmuls, and nnx.LinearGeneral's batch_axis) are batch axes:
     one quantized (prod(in), prod(out)) matrix and one adapter pair per batch index.
@@ -122,17 +187,48 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
         raise TypeError(f"rngs must be an nnx.Rngs, got {describe(rngs)}; pass nnx.Rngs(0) or "
                         "nnx.Rngs(params=key)")
     _check_not_converted(model)
-    planned = P.plan(_NnxFinder(model), lora_config, quant_config)
+    finder = _ModelFinder(model, inputs)
+    planned = P.plan(finder, lora_config, quant_config)
+    left = P.left_dense(finder, planned, lora_config, quant_config)
+    if left and strict:
+        raise ValueError(_left_message(model, left))
     if rngs is None:
         if any(p.lora for p in planned):
             raise ValueError("convert needs rngs (nnx.Rngs) to initialize the LoRA adapters")
         rngs = nnx.Rngs(0)
+    routed = {id(c) for c in finder.routed}
     for p in planned:
+        if id(p.candidate) in routed:
+            continue
         parts, m = p.candidate.handle
         kw = dict(rngs=rngs, backend=backend, where=p.path)
         lc = lora_config if p.lora else None
         _replace(model, parts, _qlora_class(m)(m, lc, p.quant_config, **kw))
+    NP.convert(model, [p for p in planned if id(p.candidate) in routed], lora_config, rngs, backend)
+    if inputs is not None and routed:
+        _verify(model, inputs)
+    if left:
+        warnings.warn(ConversionWarning(_left_message(model, left)), stacklevel=2)
     return model
+
+
+def _left_message(model, left) -> str:
+    return (f"qjax.nnx.convert left {len(left)} parameter(s) of {type(model).__name__} that feed a matmul "
+            "untouched (no adapters, no quantized base):\n  " + "\n  ".join(map(str, left)))
+
+
+def _verify(model, inputs) -> None:
+    """One abstract pass of the converted model: every routed parameter is read as it was traced."""
+    graphdef, state = nnx.split(model)
+    forward = NP.forward_fn(inputs)
+    def run(s):
+        forward(nnx.merge(graphdef, s))
+
+    try:
+        jax.eval_shape(run, state)
+    except Exception as e:
+        raise ValueError(f"the converted {type(model).__name__} fails on the inputs it was traced with: "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def _qlora_class(m):
@@ -155,8 +251,9 @@ def merge(model, dtype=None, *, requantize: QuantConfig | None = None):
     """
     L.check_merge_args(dtype, requantize)
     found = _find(model, QLoRABase)
-    if not found:
+    if not found and not NP.routed_modules(model):
         raise ValueError(f"{type(model).__name__} holds no qjax QLoRA layer; nothing to merge")
+    NP.merge(model, dtype, requantize)
     for parts, m in found:
         einsum = isinstance(m, QLoRAEinsum)
         layout = P.KernelLayout(m.in_shape, m.out_shape, m.lead, m.batch, m.einsum_str if einsum else None)

@@ -23,6 +23,7 @@ calls `plan` and `adapter_params` and stores their results where its model reads
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Mapping, Protocol, Sequence
 
 import jax.numpy as jnp
@@ -79,6 +80,24 @@ class Candidate:
     layout: KernelLayout | None
     why: str = ""
     handle: Any = None
+    kernel_path: str = ""  # the path QuantConfig patterns see; default "<path>/kernel"
+
+    @property
+    def quant_path(self) -> str:
+        return self.kernel_path or f"{self.path}/kernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftDense:
+    """A parameter that feeds a matmul (or may: `why` says so) and that conversion left as it was."""
+
+    path: str  # the parameter's path
+    shape: tuple[int, ...]
+    dtype: Any
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.path} {self.shape} {jnp.dtype(self.dtype).name}: {self.why}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -107,6 +126,10 @@ class Finder(Protocol):
     def candidates(self) -> Sequence[Candidate]:
         """Every layer it found, in a fixed order (the order adapters draw their keys in)."""
 
+    def unconvertible(self) -> Sequence[LeftDense]:
+        """Optional: parameters it saw that cannot be converted (read by other operations too, or not
+        traced); `plan` names them when a target pattern matches only them, `left_dense` lists them."""
+
 
 def plan(finder: Finder, lora_config, quant_config) -> list[Planned]:
     """The layers `finder` found that get adapters or a quantized base, validated.
@@ -120,10 +143,15 @@ def plan(finder: Finder, lora_config, quant_config) -> list[Planned]:
     """
     found = list(finder.candidates())
     if not found:
-        raise ValueError(f"{finder.model_name} has no {finder.layer_kinds} layer; there is nothing to convert")
+        raise ValueError(f"{finder.model_name} has no {finder.layer_kinds} layer; there is nothing to convert"
+                         + "".join(f"\n  {u}" for u in _unconvertible(finder)))
     paths = [c.path for c in found]
-    lora_paths = set(S.select_layers(paths, lora_config)) if lora_config is not None else set()
-    kernel_paths = S.kernel_paths(quant_config, paths) if quant_config is not None else {}
+    if lora_config is not None and lora_config.target_modules != "all-linear":
+        _check_targets(lora_config.target_modules, paths, _unconvertible(finder))
+    others = [q for u in _unconvertible(finder) for q in (u.path, u.path.rpartition("/")[0])]
+    lora_paths = set(S.select_layers(paths, lora_config, others)) if lora_config is not None else set()
+    kernel_paths = S.kernel_paths(quant_config, {c.path: c.quant_path for c in found}) \
+        if quant_config is not None else {}
 
     def quant_for(c: Candidate):
         qc = quant_config.config_for(kernel_paths[c.path]) if quant_config is not None else None
@@ -149,6 +177,62 @@ def plan(finder: Finder, lora_config, quant_config) -> list[Planned]:
             raise TypeError(f"{named(p.candidate.where + '/kernel', p.candidate.kernel)} is not a float kernel; only "
                             "float kernels can be quantized or get adapters (exclude this layer or load float weights)")
     return chosen
+
+
+def _unconvertible(finder) -> list[LeftDense]:
+    """The finder's unconvertible parameters (a finder without `unconvertible` has none)."""
+    get = getattr(finder, "unconvertible", None)
+    return list(get()) if get is not None else []
+
+
+def _check_targets(patterns, paths, unconvertible) -> None:
+    """ValueError for a target pattern that matches no convertible layer but some parameter that cannot be."""
+    for pattern in patterns:
+        if any(S.module_matches(p, pattern) for p in paths):
+            continue
+        hits = [u for u in unconvertible if S.module_matches(u.path, pattern)
+                or S.module_matches(u.path.rsplit("/", 1)[0], pattern)]
+        if hits:
+            raise ValueError(f"LoraConfig.target_modules pattern {pattern!r} matches only parameters that cannot be "
+                             "converted: " + "; ".join(str(u) for u in hits[:4]))
+
+
+def left_dense(finder: Finder, chosen: Sequence[Planned], lora_config, quant_config) -> list[LeftDense]:
+    """Every parameter that feeds a matmul and that the plan leaves untouched (no adapters, no quantized
+    base), with why: the finder's unconvertible ones, and its layers no config selected. A parameter the
+    user excluded by name (`LoraConfig.exclude` matching it or its module) is their choice, not listed."""
+    done = {id(p.candidate) for p in chosen}
+    found = list(finder.candidates())
+    paths = [c.path for c in found]
+    with warnings.catch_warnings():  # plan has warned about exclude patterns already
+        warnings.simplefilter("ignore")
+        lora_paths = set(S.select_layers(paths, lora_config)) if lora_config is not None else set()
+    kernel_paths = S.kernel_paths(quant_config, {c.path: c.quant_path for c in found}) \
+        if quant_config is not None else {}
+
+    def excluded(path: str) -> bool:
+        return lora_config is not None and any(S.module_matches(q, e) for e in lora_config.exclude
+                                               for q in (path, path.rpartition("/")[0]))
+
+    out = [u for u in _unconvertible(finder) if not excluded(u.path)]
+    for c in found:
+        if id(c) in done or excluded(c.path):
+            continue
+        why = []
+        if lora_config is None:
+            why.append("no LoraConfig")
+        elif c.path not in lora_paths:
+            head = lora_config.target_modules == "all-linear" and c.path.rsplit("/", 1)[-1].lower() in S.HEAD_NAMES
+            why.append("an output head (\"all-linear\" leaves heads alone)" if head
+                       else "not selected by LoraConfig target_modules / exclude")
+        if quant_config is None:
+            why.append("no QuantConfig")
+        else:
+            qc = quant_config.config_for(kernel_paths[c.path])
+            why.append("skipped by the QuantConfig" if qc is None else
+                       f"smaller than QuantConfig.min_size={qc.min_size}")
+        out.append(LeftDense(c.quant_path, tuple(c.kernel.shape), c.kernel.dtype, "; ".join(why)))
+    return out
 
 
 def adapter_params(where: str, layout: KernelLayout, kernel, lora_config, quant_config,

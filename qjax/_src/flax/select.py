@@ -34,12 +34,13 @@ def module_matches(path: str, pattern) -> bool:
     return matches_any(path, (pattern,))
 
 
-def select_layers(paths: Sequence[str], lora_config) -> list[str]:
+def select_layers(paths: Sequence[str], lora_config, others: Sequence[str] = ()) -> list[str]:
     """The module paths that get adapters.
 
     Raises ValueError for a target pattern that matches nothing and for a config that selects no
     layer at all (say "all-linear" minus an `exclude` of everything); warns for an `exclude`
-    pattern that matches no layer.
+    pattern that matches no layer (nor any of `others`: parameters that cannot be converted, which an
+    exclude pattern may name to say they stay dense on purpose).
 
     "all-linear": every path whose last name is not an output head (HEAD_NAMES). Otherwise a path
     is chosen when a target pattern matches it in full or matches its trailing names. `exclude`
@@ -54,7 +55,7 @@ def select_layers(paths: Sequence[str], lora_config) -> list[str]:
                                  f"the linear layers are {list(paths)}")
         chosen = [p for p in paths if any(module_matches(p, t) for t in lora_config.target_modules)]
     for pattern in lora_config.exclude:
-        if not any(module_matches(p, pattern) for p in paths):  # PEFT warns too: likely a typo
+        if not any(module_matches(p, pattern) for p in list(paths) + list(others)):  # PEFT warns too: likely a typo
             warnings.warn(f"LoraConfig.exclude pattern {pattern!r} matches no linear layer, so it excludes nothing; "
                           f"the linear layers are {list(paths)}", stacklevel=4)
     kept = [p for p in chosen if not any(module_matches(p, e) for e in lora_config.exclude)]
@@ -65,14 +66,15 @@ def select_layers(paths: Sequence[str], lora_config) -> list[str]:
     return kept
 
 
-def kernel_paths(quant_config, paths: Sequence[str]) -> dict[str, str]:
-    """{module path: the path `quant_config.config_for` is asked about}: "<module path>/kernel".
+def kernel_paths(quant_config, kernels: dict[str, str]) -> dict[str, str]:
+    """{module path: the path `quant_config.config_for` is asked about}: `kernels`' ("<module path>/kernel"
+    for a Flax layer, the parameter's own path for a routed parameter).
 
     Or "params/<module path>/kernel" for every layer when some pattern of the policy (its
     `user_patterns()`, if it has them) matches a layer only in that older Linen form. Raises
     ValueError naming the patterns when some match only the old form and others only the new one.
     """
-    new = {p: f"{p}/kernel" for p in paths}
+    new = dict(kernels)
     user = getattr(quant_config, "user_patterns", None)
     patterns = [pattern for _, pattern in user()] if callable(user) else []
     hits = {id(pattern): (any(matches(k, pattern) for k in new.values()),

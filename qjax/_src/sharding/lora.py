@@ -12,6 +12,16 @@ from qjax._src.core.qarray import is_quantized
 from qjax._src.sharding.specs import as_spec, stacked_axes
 
 KERNEL = "kernel"
+ROUTED_SUFFIX = "_lora"  # qjax.linen.convert's node for the adapters of a module's param <name>: "<name>_lora"
+
+
+def _routed_base(s, pget, names) -> str | None:
+    """The key of the one param of rank >= 2 (not an adapter) beside adapters `names`: the base of a param
+    converted where it is (qjax.linen.convert with inputs=), or None."""
+    if not names:
+        return None
+    hits = [k for k in s if k not in names and (is_quantized(pget(k)) or len(shape_of(pget(k)) or ()) >= 2)]
+    return hits[0] if len(hits) == 1 else None
 
 
 def _adapter_specs(variant, kernel_spec, k_ndim: int, shapes: Mapping[str, tuple] | None, where: str,
@@ -60,7 +70,9 @@ def shape_of(x) -> tuple[int, ...] | None:
 
 def lora_sharding(specs, params=None, *, split_rank: bool = False):
     """Spec tree with every adapter leaf's spec (LoRA's `lora_a` / `lora_b`, ...) derived from its
-    sibling `kernel` spec, as the adapter's variant lays it out.
+    sibling `kernel` spec, as the adapter's variant lays it out. A param converted where it is
+    (docs/any_model.md) is the kernel of the adapters beside it (the one param of rank >= 2 there),
+    or of those under `<name>_lora` beside it.
 
     specs: nested dicts (a Linen params tree's layout) of PartitionSpecs over dense shapes.
     params: the matching params tree (arrays, QuantizedArrays or ShapeDtypeStructs), used to
@@ -74,29 +86,43 @@ def lora_sharding(specs, params=None, *, split_rank: bool = False):
       `in` axes (FSDP over the adapters and their optimizer state; r must divide evenly).
     Returns a new spec tree: lora_a split like the kernel's `in` axes, lora_b like its `out` axes.
     """
+    def derive(kspec, pk, s, p, names, where):
+        """{adapter leaf: spec} of the adapters `names` of `s` (params `p`) from their kernel's spec."""
+        kspec = kspec if kspec is not None else PartitionSpec()
+        leaves = {k: p.get(k) for k in p if is_adapter_path((k,))} if isinstance(p, Mapping) else {}
+        lead, shapes = None, None
+        if pk is not None and leaves and all(v is not None for v in leaves.values()):
+            variant = variant_for(leaves, where or "params")
+            shapes = {k: shape_of(v) for k, v in leaves.items()}
+            k_nd = len(shape_of(pk) or ())
+            if is_quantized(pk):  # logical shape of one layer, plus its stacked axes
+                lead = stacked_axes(pk)
+                k_nd += lead
+        else:
+            variant = _variant_of(names, where)
+            k_nd = max(len(tuple(kspec)), 2)
+        derived = _adapter_specs(variant, kspec, k_nd, shapes, where or "params", split_rank, lead)
+        return {k: derived[k] for k in names if k in derived}
+
     def walk(s, p, where):
         if not isinstance(s, Mapping):
             return s
         out = {k: walk(v, (p or {}).get(k) if isinstance(p, Mapping) else None, f"{where}/{k}".lstrip("/"))
                for k, v in s.items()}
+        pget = (lambda k: p.get(k)) if isinstance(p, Mapping) else (lambda k: None)  # noqa: E731
         names = [k for k in s if is_adapter_path((k,))]
-        if KERNEL in s and names:
-            kspec = s[KERNEL] if s[KERNEL] is not None else PartitionSpec()
-            pk = p.get(KERNEL) if isinstance(p, Mapping) else None
-            leaves = {k: p.get(k) for k in p if is_adapter_path((k,))} if isinstance(p, Mapping) else {}
-            lead, shapes = None, None
-            if pk is not None and leaves and all(v is not None for v in leaves.values()):
-                variant = variant_for(leaves, where or "params")
-                shapes = {k: shape_of(v) for k, v in leaves.items()}
-                k_nd = len(shape_of(pk) or ())
-                if is_quantized(pk):  # logical shape of one layer, plus its stacked axes
-                    lead = stacked_axes(pk)
-                    k_nd += lead
-            else:
-                variant = _variant_of(names, where)
-                k_nd = max(len(tuple(kspec)), 2)
-            derived = _adapter_specs(variant, kspec, k_nd, shapes, where or "params", split_rank, lead)
-            out.update({k: derived[k] for k in names if k in derived})
+        base = KERNEL if KERNEL in s else _routed_base(s, pget, names)
+        if base is not None and names:
+            out.update(derive(s[base], pget(base), s, p, names, where))
+        for k, sub in s.items():  # a module holding several converted params: "<name>_lora" beside "<name>"
+            name = k[:-len(ROUTED_SUFFIX)] if isinstance(k, str) and k.endswith(ROUTED_SUFFIX) else None
+            if name in s and isinstance(sub, Mapping):
+                sub_names = [n for n in sub if is_adapter_path((n,))]
+                if sub_names:
+                    sub_p = pget(k)
+                    derived = derive(s[name], pget(name), sub, sub_p, sub_names, f"{where}/{k}".lstrip("/"))
+                    out[k] = type(out[k])({**out[k], **derived}) if not isinstance(out[k], dict) \
+                        else {**out[k], **derived}
         return type(s)(out) if not isinstance(s, dict) else out
 
     return walk(specs, params, "")
