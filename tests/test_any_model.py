@@ -55,49 +55,72 @@ def _randomize_b(model, seed: int) -> None:
         lambda p, x: jax.random.normal(next(keys), x.shape, x.dtype) * 0.05 if "lora_b" in str(p[-2:]) else x, state))
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
-@pytest.mark.parametrize("targets", ["all-linear", "peft-names"])
-def test_every_projection_gets_a_quantized_base_and_adapters(name, targets):
-    peer = BUILDERS[name](0)
-    attn = peer.model.layers[0].attn
-    before = {a: getattr(attn, a) for a in ("num_heads", "num_kv_heads", "head_dim") if hasattr(type(attn), a)}
-    want = _projections(name)
-    lora = qjax.LoraConfig(r=4) if targets == "all-linear" else qjax.LoraConfig(r=4, target_modules=PEFT_NAMES)
-    if targets == "peft-names" and name == "qwen3_moe":
-        want -= {"layers/0/mlp/router", "layers/1/mlp/router"}
-    messages = _convert(peer, lora)
-    model = peer.model
+class Converted:
+    """A tiny peer converted once ("all-linear", r=4, NF4 with float32 base matmuls) and what convert said;
+    tests work on `clone()`s."""
+
+    def __init__(self, name):
+        self.peer = BUILDERS[name](3)
+        attn = self.peer.model.layers[0].attn
+        self.attrs = {a: getattr(attn, a) for a in ("num_heads", "num_kv_heads", "head_dim") if hasattr(type(attn), a)}
+        self.original = self.peer.forward(nnx.clone(self.peer.model))
+        self.messages = _convert(self.peer, qjax.LoraConfig(r=4))
+
+    def clone(self):
+        return nnx.clone(self.peer.model)
+
+
+@pytest.fixture(scope="module")
+def converted():
+    cache = {}
+    return lambda name: cache.setdefault(name, Converted(name))
+
+
+def _check_projections(model, want):
     adapted = {p.removesuffix("/lora_a").removesuffix("_lora") for p in _paths(model, LoRAParam)
                if p.endswith("/lora_a")}
     assert adapted == want
     bases = _paths(model, BaseParam)
     assert all(qjax.is_quantized(v.get_value()) for v in bases.values())
-    base_modules = {p.rsplit("/", 1)[0] if p.endswith(("/w", "/kernel")) else p for p in bases}
-    assert want <= base_modules
-    # the head is left alone ("all-linear" skips it, QuantConfig's default skip has *lm_head*) and said so
-    assert len(messages) == 1 and "lm_head/w (64, 256) float32" in messages[0]
-    # the model's own code that reads its layers' attributes still runs and gives what it gave
-    assert {a: getattr(attn, a) for a in before} == before
-    assert type(attn.q_proj).__name__ == "Einsum" and attn.q_proj.shape == tuple(attn.q_proj.shape)
-    assert jnp.all(jnp.isfinite(peer.forward(model)))
+    assert want <= {p.rsplit("/", 1)[0] if p.endswith(("/w", "/kernel")) else p for p in bases}
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_converted_model_equals_the_original_on_dequantized_weights(name):
-    peer = BUILDERS[name](3)
-    _convert(peer, qjax.LoraConfig(r=4))
-    model = peer.model
-    y = peer.forward(model)
+def test_every_projection_gets_a_quantized_base_and_adapters(name, converted):
+    c = converted(name)
+    model = c.clone()
+    _check_projections(model, _projections(name))
+    # the head is left alone ("all-linear" skips it, QuantConfig's default skip has *lm_head*) and said so
+    assert len(c.messages) == 1 and "lm_head/w (64, 256) float32" in c.messages[0]
+    # the model's own code that reads its layers' attributes still runs and gives what it gave
+    attn = model.layers[0].attn
+    assert {a: getattr(attn, a) for a in c.attrs} == c.attrs
+    assert type(attn.q_proj).__name__ == "Einsum" and attn.q_proj.shape == tuple(attn.q_proj.shape)
+    assert jnp.all(jnp.isfinite(c.peer.forward(model)))
+
+
+def test_peft_names_select_the_same_projections():
+    peer = peers.tiny_qwen3_moe(0)  # attention Einsums, per-expert params and an nnx.Linear router
+    _convert(peer, qjax.LoraConfig(r=4, target_modules=PEFT_NAMES))
+    _check_projections(peer.model, _projections("qwen3_moe") - {"layers/0/mlp/router", "layers/1/mlp/router"})
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_converted_model_equals_the_original_on_dequantized_weights(name, converted):
+    c = converted(name)
+    model, forward = c.clone(), c.peer.forward
+    y = forward(model)
     dense = qjax.nnx.merge(nnx.clone(model))  # the original classes, each converted weight its dequantized value
     assert not _paths(dense, BaseParam) and not _paths(dense, LoRAParam)
-    ref = peer.forward(dense)
+    ref = forward(dense)
     # float32 throughout: only the summation order of the matmuls differs
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    assert float(jnp.max(jnp.abs(y - c.original))) > 1e-4  # and that is the quantized model, not the original
     # with non-zero adapters the merged model (base + scaling * A @ B) still gives the same logits
     _randomize_b(model, 4)
-    y = peer.forward(model)
-    ref = peer.forward(qjax.nnx.merge(nnx.clone(model)))
-    assert float(jnp.max(jnp.abs(y - peer.forward(dense)))) > 1e-3  # the delta is there
+    y = forward(model)
+    ref = forward(qjax.nnx.merge(nnx.clone(model)))
+    assert float(jnp.max(jnp.abs(y - forward(dense)))) > 1e-3  # the delta is there
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
 
 
@@ -111,10 +134,9 @@ def _next_token_loss(peer):
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_adapters_only_training_lowers_the_loss(name):
-    peer = BUILDERS[name](5)
-    _convert(peer, qjax.LoraConfig(r=4, alpha=8), qjax.QuantConfig())  # r <= the MoE router's 4 outputs
-    model, loss_fn = peer.model, _next_token_loss(peer)
+def test_adapters_only_training_lowers_the_loss(name, converted):
+    c = converted(name)
+    model, loss_fn = c.clone(), _next_token_loss(c.peer)
     frozen = {k: v.get_value() for k, v in _paths(model, BaseParam).items()}
     opt = nnx.Optimizer(model, optax.adam(3e-2), wrt=LoRAParam)
 
@@ -131,35 +153,33 @@ def test_adapters_only_training_lowers_the_loss(name):
                                                         jax.tree_util.tree_leaves(frozen[k])))
 
 
-def test_save_restore_round_trip(tmp_path):
-    peer = peers.tiny_qwen3_moe(7)
-    _convert(peer, qjax.LoraConfig(r=4))
-    _randomize_b(peer.model, 8)
-    y = peer.forward(peer.model)
+def test_save_restore_round_trip(tmp_path, converted):
+    c = converted("qwen3")
+    model, forward = c.clone(), c.peer.forward
+    _randomize_b(model, 8)
+    y = forward(model)
     path = os.path.join(tmp_path, "ckpt")
-    qjax.checkpoint.save(path, nnx.state(peer.model))
-    other = peers.tiny_qwen3_moe(9)  # same structure, other weights
-    _convert(other, qjax.LoraConfig(r=4))
-    assert float(jnp.max(jnp.abs(peer.forward(other.model) - y))) > 1e-3
-    nnx.update(other.model, qjax.checkpoint.restore(path, nnx.state(other.model)))
-    np.testing.assert_array_equal(peer.forward(other.model), y)
+    qjax.checkpoint.save(path, nnx.state(model))
+    other = c.clone()  # same structure, other adapters
+    _randomize_b(other, 9)
+    assert float(jnp.max(jnp.abs(forward(other) - y))) > 1e-3
+    nnx.update(other, qjax.checkpoint.restore(path, nnx.state(other)))
+    np.testing.assert_array_equal(forward(other), y)
     # adapters alone: save_adapters / load_adapters by path
-    qjax.checkpoint.save_adapters(os.path.join(tmp_path, "adapters"), peer.model, qjax.LoraConfig(r=4))
-    third = peers.tiny_qwen3_moe(7)
-    _convert(third, qjax.LoraConfig(r=4))
-    qjax.checkpoint.load_adapters(os.path.join(tmp_path, "adapters"), third.model, qjax.LoraConfig(r=4))
-    np.testing.assert_array_equal(peer.forward(third.model), y)
+    qjax.checkpoint.save_adapters(os.path.join(tmp_path, "adapters"), model, qjax.LoraConfig(r=4))
+    third = c.clone()
+    qjax.checkpoint.load_adapters(os.path.join(tmp_path, "adapters"), third, qjax.LoraConfig(r=4))
+    np.testing.assert_array_equal(forward(third), y)
 
 
-def test_peft_export_round_trip_through_a_name_map(tmp_path):
-    peer = peers.tiny_llama3(11)
-    lora = qjax.LoraConfig(r=4, target_modules=PEFT_NAMES)
-    _convert(peer, lora)
-    _randomize_b(peer.model, 12)
-    y = peer.forward(peer.model)
+def test_peft_export_round_trip_through_a_name_map(tmp_path, converted):
+    c = converted("llama3")
+    model, forward, lora = c.clone(), c.peer.forward, qjax.LoraConfig(r=4)
+    _randomize_b(model, 12)
+    y = forward(model)
     names = qjax.interop.NameMap(to_torch_rules=((r"^layers/", "model/layers/"), (r"/attn/", "/self_attn/")),
                                  to_flax_rules=((r"^model/layers/", "layers/"), (r"/self_attn/", "/attn/")))
-    written = qjax.interop.save_peft_adapter(tmp_path, peer.model, lora, name_map=names)
+    written = qjax.interop.save_peft_adapter(tmp_path, model, lora, name_map=names)
     tensors = qjax.interop.load_safetensors(os.path.join(tmp_path, "adapter_model.safetensors"))
     q = "base_model.model.model.layers.0.self_attn.q_proj"
     o = "base_model.model.model.layers.0.self_attn.o_proj"
@@ -167,21 +187,18 @@ def test_peft_export_round_trip_through_a_name_map(tmp_path):
     assert tensors[f"{q}.lora_A.weight"].shape == (4, 64) and tensors[f"{q}.lora_B.weight"].shape == (64, 4)
     assert tensors[f"{o}.lora_A.weight"].shape == (4, 64) and tensors[f"{o}.lora_B.weight"].shape == (64, 4)
     assert len(written) == 14
-    fresh = peers.tiny_llama3(11)
-    _convert(fresh, lora)
-    qjax.interop.load_peft_adapter(tmp_path, fresh.model, lora, name_map=names)
-    np.testing.assert_array_equal(fresh.forward(fresh.model), y)
+    fresh = c.clone()
+    qjax.interop.load_peft_adapter(tmp_path, fresh, lora, name_map=names)
+    np.testing.assert_array_equal(forward(fresh), y)
 
 
-def test_loftq_init_starts_closer_to_the_original_model():
-    ref_peer = peers.tiny_llama3(13)
-    ref = ref_peer.forward(ref_peer.model)
-    errors = {}
-    for init in ("gaussian", "loftq"):
-        peer = peers.tiny_llama3(13)
-        _convert(peer, qjax.LoraConfig(r=8, init=init), qjax.QuantConfig(compute_dtype=jnp.float32))
-        errors[init] = float(jnp.mean(jnp.abs(peer.forward(peer.model) - ref)))
-    assert errors["loftq"] < 0.8 * errors["gaussian"], errors
+def test_loftq_init_starts_closer_to_the_original_model(converted):
+    c = converted("llama3")  # default (gaussian A, zero B) init
+    gaussian = float(jnp.mean(jnp.abs(c.peer.forward(c.clone()) - c.original)))
+    peer = peers.tiny_llama3(3)
+    _convert(peer, qjax.LoraConfig(r=8, init="loftq"))
+    loftq = float(jnp.mean(jnp.abs(peer.forward(peer.model) - c.original)))
+    assert loftq < 0.8 * gaussian, (loftq, gaussian)
 
 
 def test_without_inputs_the_einsum_projections_are_listed_not_skipped_silently():
@@ -211,8 +228,7 @@ def test_strict_names_the_head_and_a_conversion_without_leftovers_passes():
     assert qjax.is_quantized(peer.model.lm_head.w.get_value()) and peer.model.lm_head.lora_a is not None
 
 
-def test_already_converted_model_is_refused():
-    peer = peers.tiny_qwen3(0)
-    _convert(peer, qjax.LoraConfig(r=4))
+def test_already_converted_model_is_refused(converted):
+    model = converted("qwen3").clone()
     with pytest.raises(ValueError, match="already a qjax QLoRA layer"):
-        _convert(peer, qjax.LoraConfig(r=4))
+        qjax.nnx.convert(model, qjax.LoraConfig(r=4), F32, nnx.Rngs(1), inputs=converted("qwen3").peer.forward)

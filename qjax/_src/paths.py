@@ -1,8 +1,16 @@
 """Tree paths: a jax key path as plain keys or an "a/b/0/kernel" string, lookups by such paths, and the
-glob / regex patterns that select paths (QuantConfig's skip, LoraConfig's target_modules).
+patterns that select paths (QuantConfig's target / skip, QuantRules, LoraConfig's target_modules).
 
-A pattern is a glob (`fnmatch`: `*` also crosses "/", so "*attn*" matches at any depth), a string
-starting with "re:" (a regular expression searched in the path), or a compiled `re.Pattern`.
+A pattern is one of:
+- a bare name: a str with no glob character (`*`, `?`, `[`) that does not start with "re:". It
+  matches a path when it equals one of the path's "/"-separated components ("lm_head" matches
+  "lm_head/kernel" and "params/lm_head/kernel", not "lm_head_2/kernel"); a name with "/"
+  ("attn/q_proj") matches a run of consecutive components. Like bitsandbytes'
+  `llm_int8_skip_modules` and PEFT's module names.
+- a glob (`fnmatch` over the whole path: `*` also crosses "/", so "*attn*" matches at any depth),
+- a string starting with "re:" (a regular expression searched in the path), or a compiled
+  `re.Pattern` (searched too).
+Names and globs compare case-sensitively first, then ignoring case.
 """
 
 from __future__ import annotations
@@ -32,17 +40,43 @@ def path_str(path) -> str:
     return "/".join(str(k) for k in path_keys(path))
 
 
-def matches(path: str, pattern: Pattern) -> bool:
-    """True when the glob / "re:" / compiled pattern matches the "a/b/kernel" path."""
+_GLOB_CHARS = frozenset("*?[")
+
+
+def is_name(pattern) -> bool:
+    """True for a bare-name pattern: a str with no glob character (`*?[`) that does not start with "re:"."""
+    return isinstance(pattern, str) and not pattern.startswith("re:") and _GLOB_CHARS.isdisjoint(pattern)
+
+
+def _has_run(parts: list, name: list) -> bool:
+    n = len(name)
+    return any(parts[i:i + n] == name for i in range(len(parts) - n + 1))
+
+
+def matches_name(path: str, name: str) -> bool:
+    """True when the bare name ("lm_head", "attn/q_proj") equals a run of consecutive components of
+    the "a/b/kernel" path (compared as they are, then ignoring case)."""
+    parts, want = path.split("/"), name.strip("/").split("/")
+    return _has_run(parts, want) or _has_run([p.lower() for p in parts], [w.lower() for w in want])
+
+
+def matches(path: str, pattern: Pattern, *, names: bool = True) -> bool:
+    """True when the pattern (bare name, glob, "re:" or compiled regex) matches the "a/b/kernel" path.
+
+    names=False: a bare name is a glob like any other, matching only the whole path (the meaning
+    every str pattern had before bare names).
+    """
     if isinstance(pattern, re.Pattern):
         return pattern.search(path) is not None
     if pattern.startswith("re:"):
         return re.search(pattern[3:], path) is not None
+    if names and is_name(pattern):
+        return matches_name(path, pattern)
     return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path.lower(), pattern.lower())
 
 
-def matches_any(path: str, patterns: Sequence[Pattern] | None) -> bool:
-    return any(matches(path, p) for p in (patterns or ()))
+def matches_any(path: str, patterns: Sequence[Pattern] | None, *, names: bool = True) -> bool:
+    return any(matches(path, p, names=names) for p in (patterns or ()))
 
 
 def json_key(k):

@@ -19,7 +19,7 @@ class QuantRules:
     """An ordered list of `(patterns, config)` rules; the first whose patterns match a path decides.
 
     rules: each entry is (a pattern or a sequence of patterns, QuantConfig or None); None keeps
-      matching leaves dense. Patterns are QuantConfig's (globs, "re:" regexes, re.Pattern).
+      matching leaves dense. Patterns are QuantConfig's (bare names, globs, "re:" regexes, re.Pattern).
     default: the config for paths no rule matches (None: keep them dense).
     The chosen config's own target/skip/min_size still apply (so DEFAULT_SKIP keeps embeddings
     dense whatever the rule says).

@@ -28,10 +28,12 @@ LEGACY_PREFIX = "params/"
 
 
 def module_matches(path: str, pattern) -> bool:
-    """A module pattern matches a module path "a/b/q_proj" in full or as its trailing part (PEFT)."""
+    """A module pattern matches a module path "a/b/q_proj" in full or as its trailing part (PEFT's
+    target_modules / exclude_modules: "q_proj" and "attn/q_proj" match it, "attn" does not). QuantConfig's
+    bare names match any component instead (bitsandbytes' llm_int8_skip_modules; `paths.matches`)."""
     if isinstance(pattern, str) and not pattern.startswith("re:"):
-        return matches_any(path, (pattern, "*/" + pattern))
-    return matches_any(path, (pattern,))
+        return matches_any(path, (pattern, "*/" + pattern), names=False)
+    return matches_any(path, (pattern,), names=False)
 
 
 def select_layers(paths: Sequence[str], lora_config, others: Sequence[str] = ()) -> list[str]:
