@@ -246,7 +246,7 @@ def test_errors_name_the_path(rng):
     qm, qv = ql.convert(model, v, qjax.LoraConfig(r=2), qjax.QuantConfig(), jax.random.key(0), inputs=(x,))
     with pytest.raises(ValueError, match="already converted"):
         ql.convert(qm, qv, qjax.LoraConfig(r=2), qjax.QuantConfig(), jax.random.key(0))
-    with pytest.raises(ValueError, match=r"params/\S+/kernel is already a QLoRA leaf"):
+    with pytest.raises(ValueError, match=r"params/\S+/lora_[ab] is already a QLoRA leaf \(adapter\)"):
         ql.convert(model, qv, qjax.LoraConfig(r=2), qjax.QuantConfig(), jax.random.key(0))
     with pytest.raises(ValueError, match="r must be a positive int"):
         qjax.LoraConfig(r=0)

@@ -194,10 +194,9 @@ def _check_not_converted(model, params):
         raise ValueError(f"{type(model).__name__} is already converted by qjax.linen.convert; convert the "
                          "original model (qjax.linen.merge gives it back)")
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
-        name = path_str(path)
-        if is_quantized(leaf) or is_adapter_path(path_keys(path)):
-            what = "QuantizedArray" if is_quantized(leaf) else "adapter"
-            raise ValueError(f"params/{name} is already a QLoRA leaf ({what}); the variables are already converted")
+        if is_adapter_path(path_keys(path)):  # quantized kernels are welcome (a bitsandbytes import), adapters not
+            raise ValueError(f"params/{path_str(path)} is already a QLoRA leaf (adapter); the variables are already "
+                             "converted")
 
 
 def _is_key(x) -> bool:
@@ -344,10 +343,13 @@ class _LinenFinder:
 
         args = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
         rngs = {"dropout": jax.random.key(0), "params": jax.random.key(0)}
+        # quantized kernels (a bitsandbytes import) trace as the dense arrays they stand for: abstract, no memory
+        dense = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(tuple(x.stack_shape) + tuple(x.shape), x.dtype)
+                                       if is_quantized(x) else x, self.variables, is_leaf=is_quantized)
         with R.recording() as seen, LP.active((), None), nn.intercept_methods(record):
             try:
                 jax.eval_shape(lambda v: self.model.apply(v, *args, method=self.method, mutable=True, rngs=rngs),
-                               self.variables)
+                               dense)
             except (TypeError, ValueError) as e:
                 if "Probe" not in str(e):
                     raise

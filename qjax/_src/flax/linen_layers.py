@@ -126,9 +126,15 @@ def dense_call(module: nn.Module, inputs, *, axis, features, kernel_init, lora: 
         # LoftQ init of a fresh layer: kernel and adapters come from the same dense kernel.
         L.check_rank(lora.r, in_shape, features, where)
         loftq = L.loftq_params(kernel_init_fn(module.make_rng("params")), n_in, lora, quant)
-    kernel = module.param("kernel", lambda rng: loftq[0] if loftq is not None else
-                          (B.quantize_kernel(kernel_init_fn(rng), n_in, quant) if quant is not None
-                           else kernel_init_fn(rng)))
+    if module.has_variable("params", "kernel") and is_quantized(module.get_variable("params", "kernel")):
+        # already quantized (checked above; maybe in torch's (out, in) storage, which Flax's initializer-shape
+        # check would take for a mismatch): read as stored, the codes are never touched
+        module.scope.reserve("kernel", "params")
+        kernel = module.get_variable("params", "kernel")
+    else:
+        kernel = module.param("kernel", lambda rng: loftq[0] if loftq is not None else
+                              (B.quantize_kernel(kernel_init_fn(rng), n_in, quant) if quant is not None
+                               else kernel_init_fn(rng)))
     bias = module.param("bias", lambda rng: meta.unbox(module.bias_init(rng, features, module.param_dtype))) \
         if module.use_bias else None
     if lora is not None:

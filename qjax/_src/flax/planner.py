@@ -29,6 +29,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import jax.numpy as jnp
 
 from qjax._src.adapters import lora as L
+from qjax._src.core.family import is_quantized
 from qjax._src.errors import named
 from qjax._src.flax import select as S
 from qjax._src.matmul import base as B
@@ -239,7 +240,8 @@ def adapter_params(where: str, layout: KernelLayout, kernel, lora_config, quant_
                    key) -> tuple[Any, dict[str, Any]]:
     """The converted parameters of one layer: (base kernel, {adapter leaf name: array}).
 
-    kernel: dense, `layout.dense_shape`. quant_config None: the base stays `kernel`; else a 2-D
+    kernel: dense, `layout.dense_shape`, or already quantized (kept as it is, codes untouched; LoftQ
+    refused). quant_config None: the base stays `kernel`; else a 2-D
     QuantizedArray (prod(in), prod(out)) stacked over `layout.stack`. lora_config None: no adapters;
     else the leaves of its variant (LoRA: lora_a (*stack, *in, r) / lora_b (*stack, r, *out)) float32,
     by LoftQ when lora_config.init is "loftq" and the base is quantized (the base then comes from
@@ -247,6 +249,13 @@ def adapter_params(where: str, layout: KernelLayout, kernel, lora_config, quant_
     Raises what quantizing raises (TypeError / ValueError), prefixed with "<where>/kernel".
     """
     plan = B.EinsumPlan(layout.einsum) if layout.einsum is not None else None
+    if is_quantized(kernel):  # already quantized (a bitsandbytes checkpoint): the codes stay as they are
+        if L.wants_loftq(lora_config, quant_config):
+            raise ValueError(f"{where}/kernel is already quantized; LoftQ needs the dense kernel (load 16-bit "
+                             "weights, or use LoraConfig(init='default'))")
+        if lora_config is None:
+            return kernel, {}
+        return kernel, L.init_params(key, layout.in_shape, layout.out_shape, lora_config, lead=layout.stack)
     try:
         if L.wants_loftq(lora_config, quant_config):
             n_in = len(layout.in_shape)
