@@ -102,6 +102,14 @@ _OVERFLOW_NONE, _OVERFLOW_DOUBLE_QUANT, _OVERFLOW_INT8 = 0, 1, 2
 _INT8_MAX_ABSMAX = np.float32(np.finfo(np.float32).max / 127)
 
 
+def abs_max(x, axis=None):
+    """max |x| over axis, NaN-safe: a NaN counts as +inf. XLA's CPU max reduction can drop a NaN at the
+    start of a long row (seen for rows of 256+ elements), which would let a NaN weight quantize silently;
+    an inf absmax is what the finiteness report catches."""
+    a = jnp.abs(x)
+    return jnp.max(jnp.where(a == a, a, jnp.inf), axis=axis)
+
+
 def _report(absmax, overflow=None):
     bad = jnp.sum(~jnp.isfinite(absmax), dtype=jnp.int32)
     code = jnp.int32(_OVERFLOW_NONE) if overflow is None else overflow.astype(jnp.int32)
@@ -317,7 +325,7 @@ def _dynamic_index(v):
 @functools.partial(jax.jit, static_argnames=("blocksize",))
 def _quantize_blockwise(x, blocksize: int):
     blocks, n = blocks_of(x.astype(_F32).reshape(-1), blocksize)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    absmax = abs_max(blocks, axis=1)
     codes = _dynamic_index(_normalise(blocks, absmax))
     codes = jnp.where((absmax > 0)[:, None], codes, jnp.uint8(0))
     return codes.reshape(-1)[:n].reshape(x.shape), absmax
@@ -390,7 +398,7 @@ def _quantize_codebook(stored, spec: formats.Format, blocksize: int):
     shape = stored.shape
     if is_structured(shape, blocksize):
         blocks = xf.reshape(shape[:-1] + (shape[-1] // blocksize, blocksize))
-        absmax = jnp.max(jnp.abs(blocks), axis=-1)
+        absmax = abs_max(blocks, axis=-1)
         # bitsandbytes multiplies by the float32 reciprocal (dividing differs in rare ties)
         v = jnp.clip(_normalise(blocks, absmax, signed_zero), -1.0, 1.0)
         return pack_codes(code_index(v, codebook).reshape(shape), spec.bits), absmax
@@ -400,19 +408,19 @@ def _quantize_codebook(stored, spec: formats.Format, blocksize: int):
     values, absmaxes = [], []
     if full:
         blocks = flat[:full].reshape(-1, blocksize)
-        absmax = jnp.max(jnp.abs(blocks), axis=1)
+        absmax = abs_max(blocks, axis=1)
         values.append(jnp.clip(_normalise(blocks, absmax, signed_zero), -1.0, 1.0).reshape(-1))
         absmaxes.append(absmax)
     if n % blocksize:
         tail = flat[full:]
-        am = jnp.max(jnp.abs(tail))
+        am = abs_max(tail)
         # the partial block divides (full blocks multiply) and keeps a floor of 1e-38
         v = jnp.clip(true_divide(tail, jnp.where(am > 0, am, 1.0)), -1.0, 1.0)
         if signed_zero:  # tail / am > 2^-150 (torch keeps it subnormal and positive), exactly
             v = jnp.where(tail * np.float32(2.0**64) > am * np.float32(2.0**-86),
                           jnp.maximum(v, np.float32(2.0**-126)), v)
         values.append(v)
-        absmaxes.append(jnp.where(am == 0, _PARTIAL_ABSMAX_FLOOR, am)[None])  # a NaN stays NaN
+        absmaxes.append(jnp.where(am == 0, _PARTIAL_ABSMAX_FLOOR, am)[None])  # a NaN (inf here) stays
     if n % spec.group:
         # bitsandbytes pads the normalised values with 0.0 (nf4: code 7); nf2/nf3 do the same
         values.append(jnp.zeros((-n % spec.group,), _F32))
@@ -428,7 +436,7 @@ def _quantize_int8(stored, blocksize, transposed: bool):
     shape = stored.shape
     if blocksize is None:
         axes = int8_absmax_axes(len(shape), transposed)
-        absmax = jnp.max(jnp.abs(xf), axis=axes)
+        absmax = abs_max(xf, axis=axes)
         # bitsandbytes' int8_vectorwise_quant (Linear8bitLt's weights): torch evaluates
         # `127.0 / absmax` as 127 * (1 / absmax), two roundings; 127 / absmax differs at ties
         inv = 1.0 / jnp.where(absmax > 0, absmax, 1.0)
@@ -438,7 +446,7 @@ def _quantize_int8(stored, blocksize, transposed: bool):
         blocks = xf.reshape(shape[:-1] + (shape[-1] // blocksize, blocksize))
     else:
         blocks, _ = blocks_of(xf.reshape(-1), blocksize)
-    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    absmax = abs_max(blocks, axis=-1)
     scale = jnp.where(absmax > 0, 127.0 / absmax, 0.0)
     codes = jnp.round(blocks * scale[..., None]).astype(jnp.int8)
     if is_structured(shape, blocksize):
