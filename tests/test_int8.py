@@ -121,3 +121,15 @@ def test_errors(rng):
         qjax.int8_matmul(x, qjax.quantize(jnp.ones((128, N)), "int8", blocksize=None))
     with pytest.raises(ValueError, match="threshold"):
         qjax.int8_matmul(x, qjax.quantize(jnp.ones((K, N)), "int8", blocksize=None), threshold=-1.0)
+
+
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+@pytest.mark.parametrize("pos", [0, 1, 4095])
+def test_a_nan_activation_gives_a_nan_output_row(threshold, pos):
+    """A NaN in x must come out as NaN in its row, never as a finite product (XLA's CPU max reduction can drop
+    a NaN at the start of a long row, which made that row's scale finite and its int8 codes garbage)."""
+    w = qjax.quantize(jax.random.normal(jax.random.key(0), (4096, 64)), "int8", blocksize=None)
+    x = np.array(jax.random.normal(jax.random.key(1), (4, 4096)), np.float32) * 0.1
+    x[2, pos] = np.nan
+    y = np.asarray(qjax.int8_matmul(jnp.asarray(x), w, threshold=threshold))
+    assert np.isnan(y[2]).all() and np.isfinite(np.delete(y, 2, axis=0)).all()

@@ -23,7 +23,7 @@ import numpy as np
 from qjax._src.errors import describe
 from qjax._src.core.family import is_quantized
 from qjax._src.core.qarray import QuantizedArray
-from qjax._src.core.quantize import check_float_array, dequantize
+from qjax._src.core.quantize import abs_max, check_float_array, dequantize
 
 _F32 = jnp.float32
 # bitsandbytes' int8_mm_dequant constant: 1 / (127 * 127) as a float32 literal.
@@ -47,7 +47,7 @@ def quantize_rows(x, threshold: float = 0.0, cols=None):
         else:
             outlier = outlier & cols[None, :]
         xf = jnp.where(outlier, 0.0, xf)
-    row_stats = jnp.max(jnp.abs(xf), axis=-1)
+    row_stats = abs_max(xf, axis=-1)  # a NaN row gives inf stats and a NaN output row, not zeros
     # torch evaluates bitsandbytes' `127.0 / row_stats` as 127 * (1 / row_stats)
     scale = jnp.where(row_stats > 0, (1.0 / jnp.where(row_stats > 0, row_stats, 1.0)) * 127.0, 0.0)
     codes = jnp.round(xf * scale[:, None])
@@ -92,7 +92,7 @@ def int8_matmul_reference(x, w: QuantizedArray, *, threshold: float = 6.0, max_o
     cols = None
     if threshold > 0 and max_outliers is not None:
         m = min(int(max_outliers), k)
-        colmax = jnp.max(jnp.abs(x2.astype(_F32)), axis=0)
+        colmax = abs_max(x2.astype(_F32), axis=0)
         vals, sub_idx = jax.lax.top_k(colmax, m)
         sel = vals >= threshold
         cols = jnp.zeros((k,), bool).at[sub_idx].set(sel)
