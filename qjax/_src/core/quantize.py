@@ -106,8 +106,7 @@ def abs_max(x, axis=None):
     """max |x| over axis, NaN-safe: a NaN counts as +inf. XLA's CPU max reduction can drop a NaN at the
     start of a long row (seen for rows of 256+ elements), which would let a NaN weight quantize silently;
     an inf absmax is what the finiteness report catches."""
-    a = jnp.abs(x)
-    return jnp.max(jnp.where(a == a, a, jnp.inf), axis=axis)
+    return jnp.where(jnp.any(jnp.isnan(x), axis=axis), jnp.inf, jnp.max(jnp.abs(x), axis=axis))
 
 
 def _report(absmax, overflow=None):
