@@ -27,23 +27,6 @@ def _find(model, types) -> list[tuple[tuple, Any]]:
     return [(tuple(parts), node) for parts, node in nnx.iter_graph(model) if isinstance(node, types)]
 
 
-def _node(model, parts):
-    for p in parts:
-        model = model[p] if isinstance(model, (list, tuple, dict, nnx.List, nnx.Dict)) else getattr(model, p)
-    return model
-
-
-def _replace(model, parts, new) -> None:
-    parent = _node(model, parts[:-1])
-    key = parts[-1]
-    if isinstance(parent, (list, dict, nnx.List, nnx.Dict)):
-        parent[key] = new
-    elif isinstance(parent, tuple):
-        raise TypeError(f"{path_str(parts)} sits in a tuple, which cannot be updated in place; use a list")
-    else:
-        setattr(parent, key, new)
-
-
 def _check_not_converted(model) -> None:
     nodes = list(nnx.iter_graph(model))
     hits = [p for p, n in nodes if isinstance(n, QLoRABase)] or [p for p, n in nodes if isinstance(n, BaseParam)] \
@@ -117,7 +100,7 @@ class _ModelFinder:
         self._unconvertible: list[P.LeftDense] = []
         if inputs is None:
             for parts, _, _ in found:
-                x = _node(model, parts).get_value()
+                x = NP.node(model, parts).get_value()
                 self._unconvertible.append(P.LeftDense(path_str(parts), tuple(x.shape), x.dtype, (
                     "not traced; pass inputs= to qjax.nnx.convert so it can find the matmuls that read it")))
             return
@@ -125,7 +108,7 @@ class _ModelFinder:
         per_owner = collections.Counter(owner for parts, owner, _ in found if seen[path_str(parts)].read_by_matmul)
         for parts, owner, rel in found:
             path, f = path_str(parts), seen[path_str(parts)]
-            x = _node(model, parts).get_value()
+            x = NP.node(model, parts).get_value()
             if f.roles is None:
                 if f.read_by_matmul:
                     self._unconvertible.append(P.LeftDense(path, tuple(x.shape), x.dtype, f.why))
@@ -203,7 +186,7 @@ def convert(model, lora_config: LoraConfig | None = LoraConfig(), quant_config: 
         parts, m = p.candidate.handle
         kw = dict(rngs=rngs, backend=backend, where=p.path)
         lc = lora_config if p.lora else None
-        _replace(model, parts, _qlora_class(m)(m, lc, p.quant_config, **kw))
+        NP.replace(model, parts, _qlora_class(m)(m, lc, p.quant_config, **kw))
     NP.convert(model, [p for p in planned if id(p.candidate) in routed], lora_config, rngs, backend)
     if inputs is not None and routed:
         _verify(model, inputs)
@@ -281,5 +264,5 @@ def merge(model, dtype=None, *, requantize: QuantConfig | None = None):
             new.bias = nnx.Param(bias)
         if requantize is not None:
             new = _qlora_class(new)(new, None, requantize, rngs=nnx.Rngs(0), backend=m.backend, where=path_str(parts))
-        _replace(model, parts, new)
+        NP.replace(model, parts, new)
     return model

@@ -37,16 +37,20 @@ class LoRAAdapters(nnx.Module):
     """The adapters of one parameter of a module that holds several converted parameters."""
 
 
-def _node(root, parts):
+def node(root, parts):
+    """root[parts[0]][parts[1]]... over modules (attributes) and nnx.List / nnx.Dict / list / dict items."""
     for p in parts:
         root = root[p] if isinstance(root, (list, tuple, dict, nnx.List, nnx.Dict)) else getattr(root, p)
     return root
 
 
-def _set(root, parts, value) -> None:
-    parent, key = _node(root, parts[:-1]), parts[-1]
+def replace(root, parts, value) -> None:
+    """Sets node(root, parts) to value in place; TypeError where it sits in a tuple."""
+    parent, key = node(root, parts[:-1]), parts[-1]
     if isinstance(parent, (list, dict, nnx.List, nnx.Dict)):
         parent[key] = value
+    elif isinstance(parent, tuple):
+        raise TypeError(f"{path_str(parts)} sits in a tuple, which cannot be updated in place; use a list")
     else:
         setattr(parent, key, value)
 
@@ -101,7 +105,7 @@ def _bind(module) -> list:
     """Sets each routed parameter of `module` to what its methods read; returns [(variable, stored value)]."""
     out = []
     for e in module._qjax_routes:
-        var = _node(module, e.rel)
+        var = node(module, e.rel)
         stored = var.get_value()
         if isinstance(stored, R.Probe):
             if stored.bound:
@@ -198,10 +202,10 @@ def discover(model, forward: Callable, found: list[tuple[tuple, tuple, tuple]]) 
     def run(state):
         m = nnx.merge(graphdef, state)
         for parts, _, _ in found:
-            var = _node(m, parts)
+            var = node(m, parts)
             var.set_value(R.Probe(var.get_value(), path_str(parts), len(var.get_value().shape)))
         for owner, entries in owners.items():
-            set_routes(_node(m, owner), tuple(entries))
+            set_routes(node(m, owner), tuple(entries))
         forward(m)
 
     with R.recording() as seen:
@@ -229,13 +233,13 @@ def convert(model, planned: list[P.Planned], lora_config, rngs, backend: str) ->
     entries: dict[tuple, list[Entry]] = {}
     for p in planned:
         owner_parts, rel, single, roles = p.candidate.handle
-        owner = _node(model, owner_parts)
-        var = _node(owner, rel)
+        owner = node(model, owner_parts)
+        var = node(owner, rel)
         dense = var.get_value()
         lc = lora_config if p.lora else None
         key = rngs.params() if lc is not None and not L.wants_loftq(lc, p.quant_config) else None
         base, adapters = P.adapter_params(p.candidate.where, p.layout, dense, lc, p.quant_config, key)
-        _set(owner, rel, BaseParam(base))
+        replace(owner, rel, BaseParam(base))
         attr = None
         if adapters:
             holder = owner
@@ -254,7 +258,7 @@ def convert(model, planned: list[P.Planned], lora_config, rngs, backend: str) ->
                         backend)
         entries.setdefault(owner_parts, []).append(Entry(rel, route, attr))
     for owner_parts, es in entries.items():
-        owner = _node(model, owner_parts)
+        owner = node(model, owner_parts)
         set_routes(owner, tuple(getattr(owner, "_qjax_routes", ())) + tuple(es))
 
 
@@ -264,7 +268,7 @@ def merge(model, dtype, requantize, backend_default: str = "auto") -> int:
     for parts, owner in routed_modules(model):
         kept = []
         for e in owner._qjax_routes:
-            route, var = e.route, _node(owner, e.rel)
+            route, var = e.route, node(owner, e.rel)
             adapters = _adapters(owner, e)
             w = P.merged_kernel(route.path, route.layout, var.get_value(), adapters or {}, route.lora_config, dtype)
             if route.lora_config is not None:
@@ -275,10 +279,10 @@ def merge(model, dtype, requantize, backend_default: str = "auto") -> int:
                         if hasattr(owner, leaf):
                             delattr(owner, leaf)
             if requantize is None:
-                _set(owner, e.rel, nnx.Param(w))
+                replace(owner, e.rel, nnx.Param(w))
             else:
                 base, _ = P.adapter_params(route.path, route.layout, w, None, requantize, None)
-                _set(owner, e.rel, BaseParam(base))
+                replace(owner, e.rel, BaseParam(base))
                 kept.append(Entry(e.rel, dataclasses.replace(route, lora_config=None, quant_config=requantize)))
             n += 1
         if getattr(owner, "lora_dropout", None) is not None and isinstance(owner.lora_dropout, nnx.Dropout):
