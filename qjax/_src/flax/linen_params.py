@@ -18,6 +18,7 @@ from flax.core import scope as flax_scope
 
 from qjax._src.flax import planner as P
 from qjax._src.flax import routing as R
+from qjax._src.paths import lookup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +118,6 @@ def _bound(scope, name: str, found: ParamRoute) -> R.RoutedWeight:
 # ----------------------------------------------------------------------------- converting and merging
 
 
-def _node(tree, parts):
-    for k in parts:
-        tree = tree[k]
-    return tree
-
-
 def convert(params: dict, planned: list[P.Planned], lora_config, keys, backend: str) -> tuple[ParamRoute, ...]:
     """Writes the base and adapters of each routed candidate (handle: (param path, single, roles)) into
     `params` in place; returns their routes."""
@@ -133,7 +128,7 @@ def convert(params: dict, planned: list[P.Planned], lora_config, keys, backend: 
         dense = p.candidate.kernel
         lc = lora_config if p.lora else None
         base, adapters = P.adapter_params(f"params/{path}", p.layout, dense, lc, p.quant_config, key)
-        module = _node(params, parts[:-1])
+        module = lookup(params, parts[:-1])
         module[parts[-1]] = base
         attr = None
         if adapters:
@@ -157,7 +152,7 @@ def merge(params: dict, routes: tuple[ParamRoute, ...], dtype, requantize) -> tu
     kept = []
     for found in routes:
         route, parts = found.route, found.path.split("/")
-        module = _node(params, parts[:-1])
+        module = lookup(params, parts[:-1])
         adapters: dict[str, Any] = {}
         if route.lora_config is not None:
             if found.adapters:
